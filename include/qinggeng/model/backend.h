@@ -1,0 +1,110 @@
+// Backend: the operations the ChatGLM forward pass is written against, once. The CPU
+// reference backend implements them in plain float32; the CUDA backend implements the same
+// contract with fp16 kernels. GlmModel never branches on the backend.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "qinggeng/io/weight_store.h"
+#include "qinggeng/tensor/tensor.h"
+
+namespace qg::model {
+
+/// \brief Per-sequence attention cache of one model: post-rotary keys and values of every
+/// processed token, for every layer. Created by Backend::new_kv_cache.
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+  /// \brief Tokens whose keys/values are stored.
+  int length() const { return length_; }
+  /// \brief Tokens the cache can hold (the model's max sequence length unless smaller).
+  int capacity() const { return capacity_; }
+  /// \brief Forgets everything after the first `n` tokens (n <= length()).
+  void truncate(int n);
+  /// \brief Marks `n` more tokens as stored (called by the model after all layers wrote them).
+  void advance(int n);
+
+ protected:
+  explicit KvCache(int capacity) : capacity_(capacity) {}
+
+ private:
+  int length_ = 0;
+  int capacity_ = 0;
+};
+
+/// \brief One sequence's share of a batched forward call.
+struct SequenceChunk {
+  KvCache* cache = nullptr;          ///< the sequence's cache; new keys/values are appended
+  std::vector<int> tokens;           ///< new token ids (appended after cache->length())
+  std::vector<int> positions;        ///< first 2-D position id per new token
+  std::vector<int> block_positions;  ///< second 2-D position id per new token
+  int context_length = 0;            ///< GLM ctx: keys < ctx are visible to every query
+  bool all_logits = false;           ///< logits for every new token, else only the last
+};
+
+/// \brief Geometry the attention op needs (from ModelConfig).
+struct AttentionShape {
+  int num_heads = 0;
+  int head_dim = 0;
+};
+
+/// \brief The compute operations of the ChatGLM forward pass.
+///
+/// Activations are [tokens, features] tensors of the backend's compute dtype; rows of a
+/// batched call are the concatenated new tokens of every SequenceChunk, in order.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  /// \brief "cpu" or "cuda:0" style name, for messages.
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+
+  /// \brief Copies a stored weight (any floating dtype) into the backend's weight format as a
+  /// [rows, cols] matrix (a 1-D tensor of n elements is [1, n]).
+  virtual Tensor upload(const io::TensorView& weight, std::int64_t rows, std::int64_t cols) = 0;
+  /// \brief An uninitialised activation tensor [rows, cols].
+  virtual Tensor activation(std::int64_t rows, std::int64_t cols) = 0;
+  /// \brief A cache for one sequence of up to `capacity` tokens of a model of this shape.
+  virtual std::unique_ptr<KvCache> new_kv_cache(int num_layers, const AttentionShape& shape,
+                                                int capacity) = 0;
+
+  /// \brief out[i] = table[ids[i]] (ids validated by the caller).
+  virtual void embedding(const Tensor& table, const std::vector<int>& ids, Tensor& out) = 0;
+  /// \brief out = LayerNorm(x) * gamma + beta over each row.
+  virtual void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
+                          Tensor& out) = 0;
+  /// \brief out = x W^T (+ bias), W is [out_features, in_features]; bias may be empty.
+  virtual void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out) = 0;
+  /// \brief x = gelu_tanh(x), in place.
+  virtual void gelu(Tensor& x) = 0;
+  /// \brief out = a * alpha + b (GLM's residual from the normed input); out may alias b.
+  virtual void scaled_add(const Tensor& a, float alpha, const Tensor& b, Tensor& out) = 0;
+  /// \brief GLM self-attention for one layer over a batch of sequence chunks.
+  ///
+  /// qkv is [tokens, 3 * hidden] laid out per head as (q, k, v) slices of head_dim. Applies the
+  /// 2-D rotary embedding to q and k (first half of each head by `positions`, second half by
+  /// `block_positions`), appends k and v to each chunk's cache at layer `layer`, and writes
+  /// softmax(q k^T / sqrt(head_dim) + GLM mask) v to out [tokens, hidden].
+  virtual void attention(const Tensor& qkv, const std::vector<SequenceChunk>& batch, int layer,
+                         const AttentionShape& shape, Tensor& out) = 0;
+  /// \brief out[i] = x[rows[i]].
+  virtual void gather_rows(const Tensor& x, const std::vector<std::int64_t>& rows, Tensor& out) = 0;
+  /// \brief Copies rows of a tensor to host float32 (converting from the compute dtype).
+  virtual void to_host(const Tensor& t, float* out) = 0;
+};
+
+/// \brief The CPU reference backend (float32, multi-threaded).
+/// \param threads worker threads for the matrix products; 0 means one per hardware thread.
+std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
+
+/// \brief True when this build has a CUDA backend and a CUDA device is present.
+bool cuda_available();
+
+/// \brief A backend by name: "cpu", "cuda" / "cuda:N", or "auto" (CUDA when available, else
+/// the CPU). \throws qg::Error for an unknown name or an unavailable device.
+std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads = 0);
+
+}  // namespace qg::model

@@ -1,0 +1,26 @@
+// Random ChatGLM checkpoints in the real HF layout (config.json + model.safetensors), for
+// tests, benchmarks and as the starting point of full-parameter training of small models.
+// Scales keep activations O(1): LayerNorm weights ~1, linear weights ~ N(0, 1/fan_in).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+
+#include "qinggeng/io/model_config.h"
+#include "qinggeng/tensor/dtype.h"
+
+namespace qg::model {
+
+/// \brief Options of write_random_model.
+struct RandomModelOptions {
+  std::uint64_t seed = 0;
+  DType dtype = DType::F16;  ///< stored dtype: F32, F16 or BF16
+  bool tie_lm_head = false;  ///< omit lm_head.weight (the model then reuses the embeddings)
+};
+
+/// \brief Writes `dir/config.json` and `dir/model.safetensors` with random weights of
+/// `config`'s shapes (creating `dir`; existing files are replaced atomically).
+void write_random_model(const std::filesystem::path& dir, const io::ModelConfig& config,
+                        const RandomModelOptions& options = {});
+
+}  // namespace qg::model

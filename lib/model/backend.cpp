@@ -1,0 +1,49 @@
+// Backend selection and the shared parts of KvCache (see include/qinggeng/model/backend.h).
+#include "qinggeng/model/backend.h"
+
+#include "qinggeng/error.h"
+
+#if defined(QG_WITH_CUDA)
+#include "qinggeng/cuda/device.h"
+#endif
+
+namespace qg::model {
+
+void KvCache::truncate(int n) {
+  QG_CHECK(n >= 0 && n <= length_, "KvCache::truncate(", n, ") with ", length_, " tokens stored");
+  length_ = n;
+}
+
+void KvCache::advance(int n) {
+  QG_CHECK(n >= 0 && length_ + n <= capacity_, "KV cache overflow: ", length_, " + ", n,
+           " tokens exceed its capacity of ", capacity_);
+  length_ += n;
+}
+
+bool cuda_available() {
+#if defined(QG_WITH_CUDA)
+  return cuda::device_count() > 0;
+#else
+  return false;
+#endif
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads) {
+  if (device == "cpu") return make_cpu_backend(cpu_threads);
+  if (device == "auto") {
+    return cuda_available() ? make_backend("cuda", cpu_threads) : make_cpu_backend(cpu_threads);
+  }
+  if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
+#if defined(QG_WITH_CUDA)
+    QG_CHECK(cuda_available(), "--device ", device, ": no CUDA device is present");
+    fail("--device ", device,
+         ": this build has no CUDA model backend yet (the fp16 kernels are under construction); "
+         "use --device cpu");
+#else
+    fail("--device ", device, ": this build was configured without CUDA (QG_WITH_CUDA=OFF)");
+#endif
+  }
+  fail("unknown device '", device, "' (expected cpu, cuda, cuda:N or auto)");
+}
+
+}  // namespace qg::model

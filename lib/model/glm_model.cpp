@@ -1,0 +1,131 @@
+// The ChatGLM v1 forward pass over a Backend (see include/qinggeng/model/glm_model.h).
+#include "qinggeng/model/glm_model.h"
+
+#include <string>
+
+#include "qinggeng/error.h"
+
+namespace qg::model {
+
+GlmModel GlmModel::load(const std::filesystem::path& model_dir, std::shared_ptr<Backend> backend) {
+  const auto config = io::load_model_config(model_dir);
+  const auto store = io::WeightStore::open(model_dir);
+  return from_store(config, store, std::move(backend));
+}
+
+GlmModel GlmModel::from_store(const io::ModelConfig& config, const io::WeightStore& store,
+                              std::shared_ptr<Backend> backend) {
+  QG_CHECK(backend, "GlmModel: no backend given");
+  GlmModel m;
+  m.config_ = config;
+  m.backend_ = std::move(backend);
+  const std::int64_t H = config.hidden_size, I = config.inner_hidden_size, V = config.vocab_size;
+
+  auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
+    const auto& view = store.get(name, {rows, cols});
+    m.weight_bytes_ += static_cast<std::size_t>(rows * cols) * dtype_size(view.dtype);
+    return m.backend_->upload(view, rows, cols);
+  };
+  auto vector = [&](const std::string& name, std::int64_t n) {
+    const auto& view = store.get(name, {n});
+    m.weight_bytes_ += static_cast<std::size_t>(n) * dtype_size(view.dtype);
+    return m.backend_->upload(view, 1, n);
+  };
+
+  m.embeddings_ = matrix("transformer.word_embeddings.weight", V, H);
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    const std::string p = "transformer.layers." + std::to_string(i) + ".";
+    Layer l;
+    l.ln1_w = vector(p + "input_layernorm.weight", H);
+    l.ln1_b = vector(p + "input_layernorm.bias", H);
+    l.qkv_w = matrix(p + "attention.query_key_value.weight", 3 * H, H);
+    l.qkv_b = vector(p + "attention.query_key_value.bias", 3 * H);
+    l.dense_w = matrix(p + "attention.dense.weight", H, H);
+    l.dense_b = vector(p + "attention.dense.bias", H);
+    l.ln2_w = vector(p + "post_attention_layernorm.weight", H);
+    l.ln2_b = vector(p + "post_attention_layernorm.bias", H);
+    l.fc1_w = matrix(p + "mlp.dense_h_to_4h.weight", I, H);
+    l.fc1_b = vector(p + "mlp.dense_h_to_4h.bias", I);
+    l.fc2_w = matrix(p + "mlp.dense_4h_to_h.weight", H, I);
+    l.fc2_b = vector(p + "mlp.dense_4h_to_h.bias", H);
+    m.layers_.push_back(std::move(l));
+  }
+  m.final_ln_w_ = vector("transformer.final_layernorm.weight", H);
+  m.final_ln_b_ = vector("transformer.final_layernorm.bias", H);
+  m.lm_head_ = store.contains("lm_head.weight") ? matrix("lm_head.weight", V, H) : m.embeddings_;
+  return m;
+}
+
+std::unique_ptr<KvCache> GlmModel::new_kv_cache(int capacity) const {
+  const int max_len = static_cast<int>(config_.max_sequence_length);
+  QG_CHECK(capacity >= 0, "KV cache capacity must be non-negative, got ", capacity);
+  const AttentionShape shape{static_cast<int>(config_.num_attention_heads),
+                             static_cast<int>(config_.head_dim())};
+  return backend_->new_kv_cache(static_cast<int>(config_.num_layers), shape,
+                                capacity == 0 ? max_len : capacity);
+}
+
+std::vector<float> GlmModel::forward(const std::vector<SequenceChunk>& batch) const {
+  QG_CHECK(!batch.empty(), "GlmModel::forward: empty batch");
+  std::vector<int> ids;
+  std::vector<std::int64_t> logit_rows;  // rows of the activations that produce logits
+  for (const auto& chunk : batch) {
+    const auto n = chunk.tokens.size();
+    QG_CHECK(chunk.cache != nullptr, "GlmModel::forward: a sequence has no KV cache");
+    QG_CHECK(n > 0, "GlmModel::forward: a sequence has no new tokens");
+    QG_CHECK(chunk.positions.size() == n && chunk.block_positions.size() == n,
+             "GlmModel::forward: ", n, " tokens but ", chunk.positions.size(), " positions and ",
+             chunk.block_positions.size(), " block positions");
+    QG_CHECK(chunk.cache->length() + static_cast<int>(n) <= chunk.cache->capacity(),
+             "sequence of ", chunk.cache->length() + n, " tokens exceeds the KV cache capacity ",
+             chunk.cache->capacity(), " (max_sequence_length ", config_.max_sequence_length, ")");
+    for (std::size_t i = 0; i < n; ++i) {
+      const int t = chunk.tokens[i];
+      QG_CHECK(t >= 0 && t < config_.vocab_size, "token id ", t, " is outside the vocabulary [0, ",
+               config_.vocab_size, ")");
+      if (chunk.all_logits || i + 1 == n) logit_rows.push_back(static_cast<std::int64_t>(ids.size()));
+      ids.push_back(t);
+    }
+  }
+  Backend& be = *backend_;
+  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+  const std::int64_t H = config_.hidden_size, I = config_.inner_hidden_size;
+  const float eps = static_cast<float>(config_.layernorm_epsilon);
+  const float alpha = static_cast<float>(kGlmResidualAlpha);
+  const AttentionShape shape{static_cast<int>(config_.num_attention_heads),
+                             static_cast<int>(config_.head_dim())};
+
+  Tensor x = be.activation(T, H), a = be.activation(T, H), attn = be.activation(T, H);
+  Tensor qkv = be.activation(T, 3 * H), mlp = be.activation(T, I);
+  be.embedding(embeddings_, ids, x);
+  for (std::size_t li = 0; li < layers_.size(); ++li) {
+    const Layer& l = layers_[li];
+    be.layer_norm(x, l.ln1_w, l.ln1_b, eps, a);
+    be.linear(a, l.qkv_w, l.qkv_b, qkv);
+    be.attention(qkv, batch, static_cast<int>(li), shape, attn);
+    be.linear(attn, l.dense_w, l.dense_b, x);  // x is free here: reuse it for the output o
+    be.scaled_add(a, alpha, x, x);             // h = a * alpha + o
+    be.layer_norm(x, l.ln2_w, l.ln2_b, eps, a);  // m
+    be.linear(a, l.fc1_w, l.fc1_b, mlp);
+    be.gelu(mlp);
+    be.linear(mlp, l.fc2_w, l.fc2_b, x);
+    be.scaled_add(a, alpha, x, x);             // x' = m * alpha + y
+  }
+  for (const auto& chunk : batch) chunk.cache->advance(static_cast<int>(chunk.tokens.size()));
+
+  // Only the rows that need logits go through the final norm and the vocabulary projection.
+  const std::int64_t R = static_cast<std::int64_t>(logit_rows.size());
+  Tensor selected = x;
+  if (R != T) {
+    selected = be.activation(R, H);
+    be.gather_rows(x, logit_rows, selected);
+  }
+  Tensor normed = be.activation(R, H), logits = be.activation(R, config_.vocab_size);
+  be.layer_norm(selected, final_ln_w_, final_ln_b_, eps, normed);
+  be.linear(normed, lm_head_, Tensor(), logits);
+  std::vector<float> out(static_cast<std::size_t>(R * config_.vocab_size));
+  be.to_host(logits, out.data());
+  return out;
+}
+
+}  // namespace qg::model

@@ -1,0 +1,48 @@
+// Small random models written at test time in the real HF layout (config.json +
+// model.safetensors), cached per test binary under the build directory.
+#pragma once
+
+#include <filesystem>
+#include <string>
+
+#include "qinggeng/io/model_config.h"
+#include "qinggeng/model/random_init.h"
+
+namespace qg::test {
+
+/// A fresh (emptied) scratch directory under the build tree.
+inline std::filesystem::path scratch_dir(const std::string& name) {
+  const auto dir = std::filesystem::path(QG_BINARY_DIR) / "test-scratch" / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+/// The tiny configuration the model tests use (vocab 200, hidden 64, 2 layers, 4 heads).
+inline io::ModelConfig tiny_config() {
+  io::ModelConfig c;
+  c.vocab_size = 200;
+  c.hidden_size = 64;
+  c.num_layers = 2;
+  c.num_attention_heads = 4;
+  c.inner_hidden_size = 256;
+  c.max_sequence_length = 64;
+  c.mask_token_id = 190;
+  c.gmask_token_id = 191;
+  c.bos_token_id = 194;
+  c.eos_token_id = 195;
+  return c;
+}
+
+/// Writes a random tiny model (F32 weights, given seed) and returns its directory.
+inline std::filesystem::path tiny_model_dir(const std::string& name, std::uint64_t seed,
+                                            const io::ModelConfig& config = tiny_config()) {
+  const auto dir = scratch_dir("model-" + name);
+  model::RandomModelOptions options;
+  options.seed = seed;
+  options.dtype = DType::F32;
+  model::write_random_model(dir, config, options);
+  return dir;
+}
+
+}  // namespace qg::test
