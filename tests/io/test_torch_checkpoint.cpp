@@ -1,6 +1,7 @@
 // Tests of the torch.save (zip + pickle) reader: the committed PyTorch-made fixtures (dtypes,
 // views sharing a storage, 0-d and transposed tensors, sharded and bf16 checkpoints) and
 // hand-built archives for ZIP64, compression, nesting and malformed tensor records.
+#include <cmath>
 #include <cstring>
 #include <map>
 
