@@ -60,24 +60,21 @@ struct WeightStore::Impl {
   std::vector<std::vector<std::byte>> owned;
   std::map<std::string, TensorView, std::less<>> tensors;
 
-  // Maps `file` and adds its tensors; returns their names.
-  std::vector<std::string> load(const fs::path& file) {
+  // Maps `file` and adds its tensors (a name already stored from another file is an error).
+  void load(const fs::path& file) {
     MappedFile mapped = MappedFile::open(file);
     ParsedCheckpoint parsed =
         looks_like_torch_checkpoint(mapped.data(), mapped.size())
             ? parse_torch_checkpoint(mapped.data(), mapped.size(), mapped.name())
             : parse_safetensors(mapped.data(), mapped.size(), mapped.name());
-    std::vector<std::string> names;
     for (TensorView& view : parsed.tensors) {
       auto it = tensors.find(view.name);
       QG_CHECK(it == tensors.end(), "tensor '", view.name, "' is stored twice: in ",
                it->second.source, " and in ", view.source);
-      names.push_back(view.name);
       tensors.emplace(view.name, std::move(view));
     }
     for (auto& buffer : parsed.owned) owned.push_back(std::move(buffer));
     files.push_back(std::move(mapped));
-    return names;
   }
 
   void load_index(const fs::path& index_file) {
