@@ -70,14 +70,17 @@ inline float half_to_float(std::uint16_t h) {
   return f;
 }
 
-/// \brief float -> IEEE binary16 bits, round to nearest even (overflow gives inf).
+/// \brief float -> IEEE binary16 bits, round to nearest even (overflow gives inf; a NaN stays
+/// NaN, keeping its top payload bits, so half -> float -> half is the identity).
 inline std::uint16_t float_to_half(float f) {
   std::uint32_t x;
   std::memcpy(&x, &f, sizeof x);
   const std::uint16_t sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
   const std::uint32_t abs = x & 0x7fffffffu;
-  if (abs >= 0x7f800000u) {  // inf or NaN
-    return static_cast<std::uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+  if (abs >= 0x7f800000u) {  // inf or NaN; a NaN keeps its top payload bits (quiet if none)
+    if (abs == 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7c00u);
+    const std::uint32_t payload = (abs >> 13) & 0x3ffu;
+    return static_cast<std::uint16_t>(sign | 0x7c00u | (payload != 0 ? payload : 0x200u));
   }
   if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to inf
   if (abs < 0x38800000u) {  // result is subnormal or zero
@@ -106,11 +109,15 @@ inline float bf16_to_float(std::uint16_t b) {
   return f;
 }
 
-/// \brief float -> bfloat16 bits, round to nearest even (NaN stays NaN).
+/// \brief float -> bfloat16 bits, round to nearest even (NaN stays NaN, keeping its top
+/// payload bits).
 inline std::uint16_t float_to_bf16(float f) {
   std::uint32_t x;
   std::memcpy(&x, &f, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
+  if ((x & 0x7fffffffu) > 0x7f800000u) {
+    const auto top = static_cast<std::uint16_t>(x >> 16);
+    return (top & 0x7fu) != 0 ? top : static_cast<std::uint16_t>(top | 0x40u);
+  }
   x += 0x7fffu + ((x >> 16) & 1u);
   return static_cast<std::uint16_t>(x >> 16);
 }
