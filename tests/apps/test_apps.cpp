@@ -97,6 +97,25 @@ TEST_CASE("qg-init, qg-eval perplexity and qg-chat --prompt on a random model wi
   CHECK(r.output.find("top_p") != std::string::npos);
 }
 
+TEST_CASE("qg-convert rewrites torch .bin shards as f16 safetensors that score the same") {
+  const fs::path model = fs::path(QG_TEST_FIXTURES) / "torch_tiny";
+  const fs::path out = qg::test::scratch_dir("convert-app");
+  auto r = run("qg-convert --in " + quoted(model) + " --out " + quoted(out) + " --dtype f16");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(fs::exists(out / "model.safetensors"));
+  REQUIRE(fs::exists(out / "config.json"));
+  r = run("qg-eval --model " + quoted(out) + " --device cpu --ids 5,17,33,2,151,154 --logits-out " + quoted(out / "l.npy"));
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const auto got = qg::io::read_npy_f32(out / "l.npy");
+  const auto golden = qg::io::read_npy_f32(model / "golden_prompt.npy");
+  for (std::size_t i = 0; i < got.data.size(); ++i) REQUIRE(got.data[i] == Approx(golden.data[i]).margin(2e-4));
+  r = run("qg-convert --in /nonexistent --out " + quoted(out / "x"));
+  CHECK(r.exit_code != 0);
+  CHECK(r.output.find("/nonexistent") != std::string::npos);
+}
+
 TEST_CASE("qg-chat with no --model runs the bundled demo model and says so") {
   const auto r = run("qg-chat --device cpu --prompt '你好' --max-new-tokens 4");
   INFO(r.output);

@@ -30,7 +30,7 @@ TEST_CASE("repetition penalty divides positive and multiplies negative scores of
   CHECK(logits[2] == -2.0f);
 }
 
-TEST_CASE("top-k 1 and tiny top-p are greedy; top-k limits the candidates") {
+TEST_CASE("top-k 1 and tiny top-p are greedy, top-k limits the candidates") {
   std::vector<float> base = {1.0f, 3.0f, 2.5f, 0.5f, 2.9f};
   SamplingConfig c;
   c.top_k = 1;
@@ -80,7 +80,7 @@ TEST_CASE("top-p keeps the smallest set reaching the mass") {
   }
 }
 
-TEST_CASE("the same seed gives the same draws; non-finite logits fall back as in ChatGLM") {
+TEST_CASE("the same seed gives the same draws and non-finite logits fall back as in ChatGLM") {
   SamplingConfig c;
   c.top_p = 1.0f;
   c.temperature = 1.0f;
