@@ -22,7 +22,7 @@ std::string device_description(int device) {
     cudaGetLastError();
     return "CUDA device " + std::to_string(device) + " (unavailable)";
   }
-  char buf[256];
+  char buf[1024];
   std::snprintf(buf, sizeof buf, "%s (sm_%d%d, %d SMs, %.1f GiB)", p.name, p.major, p.minor,
                 p.multiProcessorCount, static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024 * 1024));
   return buf;

@@ -9,6 +9,7 @@
 
 #include "qinggeng/engine/sampler.h"
 #include "qinggeng/model/glm_model.h"
+#include "qinggeng/text/glm_layout.h"
 
 namespace qg::engine {
 
@@ -30,6 +31,11 @@ struct GenerationResult {
 
 /// \brief Called with each new token id as soon as it is chosen; return false to stop.
 using TokenCallback = std::function<bool(int token)>;
+
+/// \brief The forward-pass chunk feeding `tokens` to a sequence with `layout` whose cache
+/// already holds cache.length() tokens (positions continue from there).
+model::SequenceChunk layout_chunk(const text::GlmLayout& layout, model::KvCache& cache,
+                                  std::vector<int> tokens, bool all_logits);
 
 /// \brief Generates a continuation of `prompt` (which must contain the model's <sop>,
 /// usually as its last token: `text + [gMASK] + <sop>`).
