@@ -120,6 +120,7 @@ inline HostMatrix run_attention(model::Backend& be, const model::AttentionShape&
                        std::vector<float>(qkv.data.begin(), qkv.data.begin() + k.past * 3 * H)};
       Tensor out = be.activation(k.past, H);
       std::vector<model::SequenceChunk> batch{make_chunk(0, k.past)};
+      be.begin_forward(batch);
       be.attention(to_backend(be, first), batch, 0, shape, out);
       caches.back()->advance(k.past);
     }
@@ -128,6 +129,7 @@ inline HostMatrix run_attention(model::Backend& be, const model::AttentionShape&
     second_qkv.rows += qkv.rows - k.past;
   }
   Tensor out = be.activation(second_qkv.rows, H);
+  be.begin_forward(second);
   be.attention(to_backend(be, second_qkv), second, 0, shape, out);
   return to_host(be, out);
 }

@@ -4,6 +4,7 @@
 #include "qinggeng/error.h"
 
 #if defined(QG_WITH_CUDA)
+#include "cuda/cuda_backend.h"
 #include "qinggeng/cuda/device.h"
 #endif
 
@@ -36,9 +37,14 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads
   if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
 #if defined(QG_WITH_CUDA)
     QG_CHECK(cuda_available(), "--device ", device, ": no CUDA device is present");
-    fail("--device ", device,
-         ": this build has no CUDA model backend yet (the fp16 kernels are under construction); "
-         "use --device cpu");
+    int index = 0;
+    if (device.size() > 5) {
+      const std::string digits = device.substr(5);
+      QG_CHECK(digits.find_first_not_of("0123456789") == std::string::npos && !digits.empty(),
+               "--device ", device, ": expected cuda:N with N a device number");
+      index = std::stoi(digits);
+    }
+    return make_cuda_backend(index);
 #else
     fail("--device ", device, ": this build was configured without CUDA (QG_WITH_CUDA=OFF)");
 #endif

@@ -97,19 +97,17 @@ std::vector<float> GlmModel::forward(const std::vector<SequenceChunk>& batch) co
 
   Tensor x = be.activation(T, H), a = be.activation(T, H), attn = be.activation(T, H);
   Tensor qkv = be.activation(T, 3 * H), mlp = be.activation(T, I);
+  be.begin_forward(batch);
   be.embedding(embeddings_, ids, x);
   for (std::size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
     be.layer_norm(x, l.ln1_w, l.ln1_b, eps, a);
     be.linear(a, l.qkv_w, l.qkv_b, qkv);
     be.attention(qkv, batch, static_cast<int>(li), shape, attn);
-    be.linear(attn, l.dense_w, l.dense_b, x);  // x is free here: reuse it for the output o
-    be.scaled_add(a, alpha, x, x);             // h = a * alpha + o
-    be.layer_norm(x, l.ln2_w, l.ln2_b, eps, a);  // m
-    be.linear(a, l.fc1_w, l.fc1_b, mlp);
-    be.gelu(mlp);
-    be.linear(mlp, l.fc2_w, l.fc2_b, x);
-    be.scaled_add(a, alpha, x, x);             // x' = m * alpha + y
+    be.linear_residual(attn, l.dense_w, l.dense_b, a, alpha, x);  // h = a * alpha + o
+    be.layer_norm(x, l.ln2_w, l.ln2_b, eps, a);                    // m
+    be.linear_gelu(a, l.fc1_w, l.fc1_b, mlp);
+    be.linear_residual(mlp, l.fc2_w, l.fc2_b, a, alpha, x);        // x' = m * alpha + y
   }
   for (const auto& chunk : batch) chunk.cache->advance(static_cast<int>(chunk.tokens.size()));
 
@@ -120,7 +118,7 @@ std::vector<float> GlmModel::forward(const std::vector<SequenceChunk>& batch) co
     selected = be.activation(R, H);
     be.gather_rows(x, logit_rows, selected);
   }
-  Tensor normed = be.activation(R, H), logits = be.activation(R, config_.vocab_size);
+  Tensor normed = be.activation(R, H), logits = be.logits_buffer(R, config_.vocab_size);
   be.layer_norm(selected, final_ln_w_, final_ln_b_, eps, normed);
   be.linear(normed, lm_head_, Tensor(), logits);
   std::vector<float> out(static_cast<std::size_t>(R * config_.vocab_size));

@@ -67,6 +67,8 @@ class Backend {
   virtual Tensor upload(const io::TensorView& weight, std::int64_t rows, std::int64_t cols) = 0;
   /// \brief An uninitialised activation tensor [rows, cols].
   virtual Tensor activation(std::int64_t rows, std::int64_t cols) = 0;
+  /// \brief An uninitialised float32 tensor for the logits (linear() may write it).
+  virtual Tensor logits_buffer(std::int64_t rows, std::int64_t cols) { return activation(rows, cols); }
   /// \brief A cache for one sequence of up to `capacity` tokens of a model of this shape.
   virtual std::unique_ptr<KvCache> new_kv_cache(int num_layers, const AttentionShape& shape,
                                                 int capacity) = 0;
@@ -78,6 +80,21 @@ class Backend {
                           Tensor& out) = 0;
   /// \brief out = x W^T (+ bias), W is [out_features, in_features]; bias may be empty.
   virtual void linear(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out) = 0;
+  /// \brief out = gelu_tanh(x W^T + bias) (a backend may fuse it into the product).
+  virtual void linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out) {
+    linear(x, weight, bias, out);
+    gelu(out);
+  }
+  /// \brief out = residual * alpha + (x W^T + bias); out may alias residual.
+  virtual void linear_residual(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                               const Tensor& residual, float alpha, Tensor& out) {
+    Tensor product = activation(x.rows(), weight.rows());
+    linear(x, weight, bias, product);
+    scaled_add(residual, alpha, product, out);
+  }
+  /// \brief Called by the model before the layers of each forward with that call's batch
+  /// (caches grow here; a backend may prepare per-call state shared by every layer).
+  virtual void begin_forward(const std::vector<SequenceChunk>& batch) { (void)batch; }
   /// \brief x = gelu_tanh(x), in place.
   virtual void gelu(Tensor& x) = 0;
   /// \brief out = a * alpha + b (GLM's residual from the normed input); out may alias b.
@@ -92,6 +109,8 @@ class Backend {
                          const AttentionShape& shape, Tensor& out) = 0;
   /// \brief out[i] = x[rows[i]].
   virtual void gather_rows(const Tensor& x, const std::vector<std::int64_t>& rows, Tensor& out) = 0;
+  /// \brief One line on device memory (weights, KV cache, workspace), empty on the CPU.
+  virtual std::string memory_report() const { return {}; }
   /// \brief Copies rows of a tensor to host float32 (converting from the compute dtype).
   virtual void to_host(const Tensor& t, float* out) = 0;
 };

@@ -1,0 +1,21 @@
+// Factory of the CUDA backend (implemented in cuda_backend.cpp); make_backend("cuda:N")
+// in lib/model/backend.cpp is its only caller.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+
+#include "qinggeng/model/backend.h"
+
+namespace qg::model {
+
+/// Sizing of the CUDA backend's KV cache.
+struct CudaBackendOptions {
+  int kv_block_size = 16;          ///< tokens per KV block
+  std::size_t kv_cache_bytes = 0;  ///< 0: free memory less a reserve, up to max_kv_blocks
+  int max_kv_blocks = 64 * 2048 / 16;  ///< default cap: 64 sequences of 2048 tokens
+};
+
+std::unique_ptr<Backend> make_cuda_backend(int device, const CudaBackendOptions& options = {});
+
+}  // namespace qg::model
