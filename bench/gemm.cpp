@@ -109,10 +109,10 @@ void bench_linear(benchmark::State& state, LinearShape shape, std::int64_t M) {
   state.counters["weight_GBps"] = weight_gbps;
   state.counters["pct_copy_bw"] = 100.0 * weight_gbps / peak.copy_gbps;
   table_row("GEMM: qg::cuda::gemm_f16 vs cuBLAS (fp16 in/out, fp32 accumulate, no epilogue)",
-            {"layer, M", "N", "K", "path", "ours us", "cuBLAS us", "ours TFLOP/s",
+            {"layer, M", "N", "K", "kernel", "ours us", "cuBLAS us", "ours TFLOP/s",
              "cuBLAS TFLOP/s", "% of cuBLAS", "ours weight GB/s", "% of copy BW"},
             {std::string(shape.name) + ", M=" + std::to_string(M), std::to_string(N),
-             std::to_string(K), M <= cuda::kGemmSkinnyMaxM ? "skinny" : "tiled",
+             std::to_string(K), cuda::gemm_plan(M, N),
              cell(t * 1e3, 1), cell(r * 1e3, 1), cell(flop / (t * 1e-3) / 1e12, 1),
              cell(flop / (r * 1e-3) / 1e12, 1), cell(100.0 * r / t, 0), cell(weight_gbps, 0),
              cell(100.0 * weight_gbps / peak.copy_gbps, 0)});

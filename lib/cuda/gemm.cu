@@ -1,6 +1,9 @@
-// qg::cuda::gemm_f16: argument checks and the choice between the tiled and the skinny GEMM
-// (see include/qinggeng/cuda/gemm.h). Every check names the offending argument.
+// qg::cuda::gemm_f16: argument checks, the choice of kernel family and tile shape (see
+// include/qinggeng/cuda/gemm.h), and the launch plumbing the families share.
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "cuda/check.h"
 #include "cuda/gemm_paths.h"
@@ -13,7 +16,75 @@ bool aligned(const void* p, std::uintptr_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
+std::vector<TileChoice> tile_choices(GemmPath path) {
+  std::vector<TileChoice> choices;
+  if (path != GemmPath::Wgmma) append_mma_sync_tiles(choices);
+  if (path != GemmPath::Tiled) append_wgmma_tiles(choices);
+  QG_CHECK(!choices.empty(), "gemm_f16: the wgmma path needs an sm_90 GPU and a build that "
+           "includes sm_90 (CMAKE_CUDA_ARCHITECTURES)");
+  return choices;
+}
+
+/// The cheapest shape: CTAs on the busiest SM times the tile's area, over its efficiency.
+/// Larger and faster tiles win once there are enough of them to fill the chip.
+const TileChoice& cheapest(const std::vector<TileChoice>& choices, std::int64_t M,
+                           std::int64_t N) {
+  const int sms = multiprocessor_count();
+  const TileChoice* best = nullptr;
+  double best_cost = 0;
+  for (const TileChoice& c : choices) {
+    const std::int64_t tiles = ((M + c.bm - 1) / c.bm) * ((N + c.bn - 1) / c.bn);
+    const double cost = static_cast<double>((tiles + sms - 1) / sms) * c.bm * c.bn / c.efficiency;
+    if (!best || cost < best_cost) {
+      best = &c;
+      best_cost = cost;
+    }
+  }
+  return *best;
+}
+
 }  // namespace
+
+int multiprocessor_count() {
+  static thread_local int cached_device = -1, cached_sms = 0;
+  int device = 0;
+  QG_CUDA_CHECK(cudaGetDevice(&device));
+  if (device != cached_device) {
+    QG_CUDA_CHECK(cudaDeviceGetAttribute(&cached_sms, cudaDevAttrMultiProcessorCount, device));
+    cached_device = device;
+  }
+  return cached_sms;
+}
+
+void opt_in_shared_memory(const void* kernel, int bytes) {
+  static thread_local std::vector<std::pair<const void*, int>> done;  // (kernel, device)
+  int device = 0;
+  QG_CUDA_CHECK(cudaGetDevice(&device));
+  for (const auto& d : done) {
+    if (d.first == kernel && d.second == device) return;
+  }
+  QG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.emplace_back(kernel, device);
+}
+
+dim3 tile_grid(const tiles::Epilogue& e, int bm, int bn) {
+  const std::int64_t m_tiles = (e.M + bm - 1) / bm, n_tiles = (e.N + bn - 1) / bn;
+  QG_CHECK(n_tiles <= 65535 && m_tiles <= 0x7fffffff, "gemm_f16: N = ", e.N, " or M = ", e.M,
+           " is too large for one launch");
+  return dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
+}
+
+std::string gemm_plan(std::int64_t M, std::int64_t N) {
+  if (M <= kGemmSkinnyMaxM) return "skinny";
+  const std::vector<TileChoice> choices = tile_choices(GemmPath::Auto);
+  const TileChoice& c = cheapest(choices, M, N);
+  std::vector<TileChoice> wgmma;
+  append_wgmma_tiles(wgmma);
+  bool is_wgmma = false;
+  for (const TileChoice& t : wgmma) is_wgmma = is_wgmma || t.launch == c.launch;
+  return std::string(is_wgmma ? "wgmma " : "mma.sync ") + std::to_string(c.bm) + "x" +
+         std::to_string(c.bn);
+}
 
 void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32,
               std::int64_t M, std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
@@ -48,7 +119,7 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
   if (skinny) {
     launch_gemm_skinny(xh, wh, e, K, stream);
   } else {
-    launch_gemm_tiled(xh, wh, e, K, stream);
+    cheapest(tile_choices(path), M, N).launch(xh, wh, e, K, stream);
   }
 }
 

@@ -3,7 +3,6 @@
 // swizzled shared memory while the warps run ldmatrix + mma.sync on the previous slices; the
 // epilogue is applied to the fp32 accumulators in registers. Tails in M, N and K are
 // zero-filled by the copies and masked at the store, so any M, N and K % 8 == 0 work.
-#include <algorithm>
 #include <cstdint>
 
 #include "cuda/check.h"
@@ -30,32 +29,12 @@ struct TileShape {
 
 // ---- CUDA kernels ----
 
-/// Copies rows [r0, r0 + Rows) x halves [k0, k0 + BK) of a row-major [rows, K] matrix into a
-/// swizzled shared tile; rows >= rows_total and k >= K are zero-filled.
-template <int Rows, int BK, int Threads>
-__device__ __forceinline__ void copy_tile(__half* tile, const __half* src, std::int64_t r0,
-                                          std::int64_t rows_total, std::int64_t k0,
-                                          std::int64_t K) {
-  constexpr int kChunks = BK / 8;
-#pragma unroll
-  for (int it = 0; it < Rows * kChunks / Threads; ++it) {
-    const int c = it * Threads + static_cast<int>(threadIdx.x);
-    const int row = c / kChunks, chunk = c % kChunks;
-    const std::int64_t gr = r0 + row, gk = k0 + chunk * 8;
-    const bool valid = gr < rows_total && gk < K;
-    tiles::cp_async_16(tile + row * BK + tiles::swizzle_chunk<BK>(row, chunk) * 8,
-                       valid ? src + gr * K + gk : src, valid);
-  }
-}
-
 template <class S>
 __global__ void __launch_bounds__(S::Threads)
     gemm_tiled_kernel(const __half* __restrict__ x, const __half* __restrict__ w, Epilogue e,
                       std::int64_t K) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __half* smem = reinterpret_cast<__half*>(smem_raw);
-  // M tiles vary fastest so that one wave of CTAs shares few W tiles: W (the big operand for
-  // this model) is then read from DRAM about once while X tiles are re-read from L2.
   const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * S::BM;
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * S::BN;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -66,8 +45,8 @@ __global__ void __launch_bounds__(S::Threads)
     __half* a = smem + slot * S::StageHalves;
     __half* b = a + S::BM * S::BK;
     const std::int64_t k0 = static_cast<std::int64_t>(kt) * S::BK;
-    copy_tile<S::BM, S::BK, S::Threads>(a, x, m0, e.M, k0, K);
-    copy_tile<S::BN, S::BK, S::Threads>(b, w, n0, e.N, k0, K);
+    tiles::copy_tile<S::BM, S::BK, S::Threads>(a, x, m0, e.M, k0, K);
+    tiles::copy_tile<S::BN, S::BK, S::Threads>(b, w, n0, e.N, k0, K);
   };
 
   float acc[S::MFrags][S::NFrags][4];
@@ -139,70 +118,27 @@ __global__ void __launch_bounds__(S::Threads)
 
 // ---- kernel launchers ----
 
+template <class S>
+void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
+                  cudaStream_t stream) {
+  opt_in_shared_memory(reinterpret_cast<const void*>(gemm_tiled_kernel<S>), S::SmemBytes);
+  gemm_tiled_kernel<S><<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(x, w, e, K);
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
 using Big = TileShape<128, 256, 32, 2, 4, 4>;   // 8 warps of 64x64, 96 KiB smem
 using Mid = TileShape<128, 128, 32, 2, 2, 4>;   // 4 warps of 64x64, 64 KiB
 using Small = TileShape<64, 128, 32, 2, 2, 4>;  // 4 warps of 32x64, 48 KiB
 using Tiny = TileShape<64, 64, 32, 2, 2, 4>;    // 4 warps of 32x32, 32 KiB
 
-struct DeviceLimits {
-  int device = -1, sms = 0;
-};
-
-int current_sms() {
-  static thread_local DeviceLimits cached;
-  int device = 0;
-  QG_CUDA_CHECK(cudaGetDevice(&device));
-  if (cached.device != device) {
-    QG_CUDA_CHECK(cudaDeviceGetAttribute(&cached.sms, cudaDevAttrMultiProcessorCount, device));
-    cached.device = device;
-  }
-  return cached.sms;
-}
-
-template <class S>
-void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
-                  cudaStream_t stream) {
-  // Dynamic shared memory above 48 KiB must be opted into once per device and kernel.
-  static thread_local int opted_device = -1;
-  int device = 0;
-  QG_CUDA_CHECK(cudaGetDevice(&device));
-  if (opted_device != device) {
-    QG_CUDA_CHECK(cudaFuncSetAttribute(gemm_tiled_kernel<S>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, S::SmemBytes));
-    opted_device = device;
-  }
-  const std::int64_t m_tiles = (e.M + S::BM - 1) / S::BM, n_tiles = (e.N + S::BN - 1) / S::BN;
-  QG_CHECK(n_tiles <= 65535 && m_tiles <= 0x7fffffff, "gemm_f16: N = ", e.N, " or M = ", e.M,
-           " is too large for one launch");
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
-  gemm_tiled_kernel<S><<<grid, S::Threads, S::SmemBytes, stream>>>(x, w, e, K);
-  QG_CUDA_CHECK(cudaGetLastError());
-}
-
-/// Relative cost of a tile shape on this size: CTAs on the busiest SM times the tile's
-/// work, discounted by how efficiently the shape feeds the tensor cores (bigger warp tiles
-/// reuse each fragment more). Larger tiles win once there are enough of them to fill the chip.
-template <class S>
-double tile_cost(std::int64_t M, std::int64_t N, int sms, double efficiency) {
-  const std::int64_t tiles = ((M + S::BM - 1) / S::BM) * ((N + S::BN - 1) / S::BN);
-  const std::int64_t per_sm = (tiles + sms - 1) / sms;
-  return static_cast<double>(per_sm) * S::BM * S::BN / efficiency;
-}
-
 }  // namespace
 
-void launch_gemm_tiled(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
-                       cudaStream_t stream) {
-  const int sms = current_sms();
-  const double costs[4] = {tile_cost<Big>(e.M, e.N, sms, 1.0), tile_cost<Mid>(e.M, e.N, sms, 0.92),
-                           tile_cost<Small>(e.M, e.N, sms, 0.8),
-                           tile_cost<Tiny>(e.M, e.N, sms, 0.65)};
-  switch (std::min_element(costs, costs + 4) - costs) {
-    case 0: return launch_shape<Big>(x, w, e, K, stream);
-    case 1: return launch_shape<Mid>(x, w, e, K, stream);
-    case 2: return launch_shape<Small>(x, w, e, K, stream);
-    default: return launch_shape<Tiny>(x, w, e, K, stream);
-  }
+void append_mma_sync_tiles(std::vector<TileChoice>& out) {
+  // Efficiencies: bigger warp tiles reuse each fragment more (v1 measurements on H100).
+  out.push_back({Big::BM, Big::BN, 1.0, launch_shape<Big>});
+  out.push_back({Mid::BM, Mid::BN, 0.92, launch_shape<Mid>});
+  out.push_back({Small::BM, Small::BN, 0.8, launch_shape<Small>});
+  out.push_back({Tiny::BM, Tiny::BN, 0.65, launch_shape<Tiny>});
 }
 
 }  // namespace qg::cuda

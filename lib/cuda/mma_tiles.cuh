@@ -42,6 +42,26 @@ __device__ __forceinline__ int swizzle_chunk(int row, int chunk) {
   return chunk ^ ((row / kRowsPerLine) % kChunks);
 }
 
+// ---- tile copies ----
+
+/// Copies rows [r0, r0 + Rows) x halves [k0, k0 + BK) of a row-major [rows, K] matrix into a
+/// swizzled shared tile; rows >= rows_total and k >= K are zero-filled.
+template <int Rows, int BK, int Threads>
+__device__ __forceinline__ void copy_tile(__half* tile, const __half* src, std::int64_t r0,
+                                          std::int64_t rows_total, std::int64_t k0,
+                                          std::int64_t K) {
+  constexpr int kChunks = BK / 8;
+#pragma unroll
+  for (int it = 0; it < Rows * kChunks / Threads; ++it) {
+    const int c = it * Threads + static_cast<int>(threadIdx.x);
+    const int row = c / kChunks, chunk = c % kChunks;
+    const std::int64_t gr = r0 + row, gk = k0 + chunk * 8;
+    const bool valid = gr < rows_total && gk < K;
+    cp_async_16(tile + row * BK + swizzle_chunk<BK>(row, chunk) * 8,
+                valid ? src + gr * K + gk : src, valid);
+  }
+}
+
 // ---- fragments and mma ----
 
 /// Four 8x8 fp16 matrices from shared memory; lane l supplies the row address of matrix l/8.

@@ -117,6 +117,8 @@ struct HostProblem {
   }
 };
 
+bool wgmma_available() { return qg::cuda::gemm_plan(1024, 1024).rfind("wgmma", 0) == 0; }
+
 }  // namespace
 
 TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and output type") {
@@ -138,6 +140,7 @@ TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and 
         GpuProblem gpu(p.x, p.w, p.bias, p.residual);
 
         std::vector<GemmPath> paths{GemmPath::Tiled};
+        if (wgmma_available()) paths.push_back(GemmPath::Wgmma);
         if (M <= qg::cuda::kGemmSkinnyMaxM) paths.push_back(GemmPath::Skinny);
         for (GemmPath path : paths) {
           for (bool fp32 : {false, true}) {
@@ -153,7 +156,7 @@ TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and 
               // fp16 output: one rounding (2^-11 relative) on top of fp32 accumulation.
               const double tol = fp32 ? 2e-4 : 2e-3;
               INFO("M=" << M << " N=" << N << " K=" << K << " kind=" << static_cast<int>(c.kind)
-                        << " fp32=" << fp32 << " skinny=" << (path == GemmPath::Skinny));
+                        << " fp32=" << fp32 << " path=" << static_cast<int>(path));
               REQUIRE(count_non_finite(got) == 0);
               REQUIRE(qg::test::tolerance_ratio(got, *c.ref, tol, tol) <= 1.0);
               ++checked;
@@ -163,7 +166,24 @@ TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and 
       }
     }
   }
-  CHECK(checked == 9 * 5 * 4 * 2 * 4 + 5 * 5 * 4 * 2 * 4);
+  CHECK(checked == (wgmma_available() ? 2 : 1) * 9 * 5 * 4 * 2 * 4 + 5 * 5 * 4 * 2 * 4);
+}
+
+TEST_CASE("gemm_f16 runs wgmma for prefill shapes on sm_90") {
+  cudaDeviceProp prop{};
+  REQUIRE(cudaGetDeviceProperties(&prop, 0) == cudaSuccess);
+  const std::string plan = qg::cuda::gemm_plan(2048, 4096);
+  INFO("sm_" << prop.major << prop.minor << " plan for 2048 x 4096: " << plan);
+  if (prop.major == 9 && prop.minor == 0) {
+    CHECK(plan.rfind("wgmma", 0) == 0);
+  } else {
+    CHECK(plan.rfind("mma.sync", 0) == 0);
+    HostProblem p(32, 16, 64, 5);
+    GpuProblem gpu(p.x, p.w, p.bias, p.residual);
+    REQUIRE_THROWS_WITH(gpu.run(Kind::None, 1.0f, false, GemmPath::Wgmma),
+                        QG_CONTAINS("needs an sm_90 GPU"));
+  }
+  CHECK(qg::cuda::gemm_plan(16, 4096) == "skinny");
 }
 
 TEST_CASE("gemm_f16 residual epilogue may update y in place") {
