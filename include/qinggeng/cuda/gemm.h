@@ -1,0 +1,61 @@
+// fp16 tensor-core GEMM of the CUDA backend: Y[M, N] = X[M, K] · W[N, K]^T with fp32
+// accumulation and a fused epilogue (bias, gelu, GLM residual), fp16 or fp32 output.
+// W is a PyTorch Linear weight ([out_features, in_features], row-major); X and Y are row-major
+// activations. Large M runs a multi-stage cp.async tile pipeline feeding wgmma on H100/H200
+// and mma.sync elsewhere; M <= 16 (decode) runs a skinny path that streams each weight once
+// for all tokens.
+// Pointers are fp16 bit patterns (uint16_t) so this header does not need cuda_fp16.h.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime.h>
+
+namespace qg::cuda {
+
+/// \brief What happens to acc = (X W^T)[m, n] before it is stored.
+struct GemmEpilogue {
+  enum class Kind {
+    None,          ///< y = acc
+    Bias,          ///< y = acc + bias[n]
+    BiasGelu,      ///< y = gelu_tanh(acc + bias[n])
+    BiasResidual,  ///< y = residual[m, n] * alpha + (acc + bias[n])  (GLM's residual)
+  };
+  Kind kind = Kind::None;
+  const std::uint16_t* bias = nullptr;      ///< [N] fp16; required by every kind but None
+  const std::uint16_t* residual = nullptr;  ///< [M, N] fp16 row-major; may alias an fp16 y
+  float alpha = 1.0f;                       ///< residual scale (BiasResidual only)
+};
+
+/// \brief Which kernel family runs; Auto is what callers want (tests and benches force one).
+enum class GemmPath {
+  Auto,    ///< skinny for M <= 16, else the cheapest tile shape of the families this GPU runs
+  Tiled,   ///< block-tiled mma.sync pipeline (any M, every supported GPU)
+  Wgmma,   ///< block-tiled wgmma pipeline (any M; H100/H200 with a build that has sm_90a)
+  Skinny,  ///< weight-streaming decode kernel (M <= 16 only)
+};
+
+/// \brief Largest M the skinny (decode) path accepts.
+inline constexpr std::int64_t kGemmSkinnyMaxM = 16;
+
+/// \brief "skinny", "wgmma 128x256", "mma.sync 128x128", ...: the kernel and tile shape
+/// gemm_f16 runs for this size with GemmPath::Auto on the current device (for benchmarks).
+std::string gemm_plan(std::int64_t M, std::int64_t N);
+
+/// \brief Y[M, N] = epilogue(X[M, K] · W[N, K]^T), fp32 accumulation, on `stream`.
+///
+/// \param x fp16 [M, K] row-major, 16-byte aligned
+/// \param w fp16 [N, K] row-major (Linear weight layout), 16-byte aligned
+/// \param y [M, N] row-major output: fp16 when `y_fp32` is false, else float; 4-byte aligned;
+///        must not overlap x or w
+/// \param K must be a positive multiple of 8 (rows of x and w stay 16-byte aligned);
+///        M and N may be any positive sizes
+/// \throws qg::Error for bad sizes, misaligned or missing pointers, a path this GPU cannot
+/// run, or a failed launch. The first call on a device runs a one-off synchronous probe, so
+/// make it before capturing a CUDA graph.
+void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32,
+              std::int64_t M, std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
+              cudaStream_t stream, GemmPath path = GemmPath::Auto);
+
+}  // namespace qg::cuda

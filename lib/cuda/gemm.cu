@@ -1,0 +1,126 @@
+// qg::cuda::gemm_f16: argument checks, the choice of kernel family and tile shape (see
+// include/qinggeng/cuda/gemm.h), and the launch plumbing the families share.
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda/check.h"
+#include "cuda/gemm_paths.h"
+#include "qinggeng/cuda/gemm.h"
+
+namespace qg::cuda {
+namespace {
+
+bool aligned(const void* p, std::uintptr_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+std::vector<TileChoice> tile_choices(GemmPath path) {
+  std::vector<TileChoice> choices;
+  if (path != GemmPath::Wgmma) append_mma_sync_tiles(choices);
+  if (path != GemmPath::Tiled) append_wgmma_tiles(choices);
+  QG_CHECK(!choices.empty(), "gemm_f16: the wgmma path needs an sm_90 GPU and a build that "
+           "includes sm_90 (CMAKE_CUDA_ARCHITECTURES)");
+  return choices;
+}
+
+/// The cheapest shape: CTAs on the busiest SM times the tile's area, over its efficiency.
+/// Larger and faster tiles win once there are enough of them to fill the chip.
+const TileChoice& cheapest(const std::vector<TileChoice>& choices, std::int64_t M,
+                           std::int64_t N) {
+  const int sms = multiprocessor_count();
+  const TileChoice* best = nullptr;
+  double best_cost = 0;
+  for (const TileChoice& c : choices) {
+    const std::int64_t tiles = ((M + c.bm - 1) / c.bm) * ((N + c.bn - 1) / c.bn);
+    const double cost = static_cast<double>((tiles + sms - 1) / sms) * c.bm * c.bn / c.efficiency;
+    if (!best || cost < best_cost) {
+      best = &c;
+      best_cost = cost;
+    }
+  }
+  return *best;
+}
+
+}  // namespace
+
+int multiprocessor_count() {
+  static thread_local int cached_device = -1, cached_sms = 0;
+  int device = 0;
+  QG_CUDA_CHECK(cudaGetDevice(&device));
+  if (device != cached_device) {
+    QG_CUDA_CHECK(cudaDeviceGetAttribute(&cached_sms, cudaDevAttrMultiProcessorCount, device));
+    cached_device = device;
+  }
+  return cached_sms;
+}
+
+void opt_in_shared_memory(const void* kernel, int bytes) {
+  static thread_local std::vector<std::pair<const void*, int>> done;  // (kernel, device)
+  int device = 0;
+  QG_CUDA_CHECK(cudaGetDevice(&device));
+  for (const auto& d : done) {
+    if (d.first == kernel && d.second == device) return;
+  }
+  QG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.emplace_back(kernel, device);
+}
+
+dim3 tile_grid(const tiles::Epilogue& e, int bm, int bn) {
+  const std::int64_t m_tiles = (e.M + bm - 1) / bm, n_tiles = (e.N + bn - 1) / bn;
+  QG_CHECK(n_tiles <= 65535 && m_tiles <= 0x7fffffff, "gemm_f16: N = ", e.N, " or M = ", e.M,
+           " is too large for one launch");
+  return dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
+}
+
+std::string gemm_plan(std::int64_t M, std::int64_t N) {
+  if (M <= kGemmSkinnyMaxM) return "skinny";
+  const std::vector<TileChoice> choices = tile_choices(GemmPath::Auto);
+  const TileChoice& c = cheapest(choices, M, N);
+  std::vector<TileChoice> wgmma;
+  append_wgmma_tiles(wgmma);
+  bool is_wgmma = false;
+  for (const TileChoice& t : wgmma) is_wgmma = is_wgmma || t.launch == c.launch;
+  return std::string(is_wgmma ? "wgmma " : "mma.sync ") + std::to_string(c.bm) + "x" +
+         std::to_string(c.bn);
+}
+
+void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32,
+              std::int64_t M, std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
+              cudaStream_t stream, GemmPath path) {
+  QG_CHECK(M >= 0 && N > 0 && K > 0, "gemm_f16: sizes must be positive (M = ", M, ", N = ", N,
+           ", K = ", K, ")");
+  QG_CHECK(K % 8 == 0, "gemm_f16: K = ", K, " must be a multiple of 8");
+  QG_CHECK(path != GemmPath::Skinny || M <= kGemmSkinnyMaxM, "gemm_f16: the skinny path takes M <= ",
+           kGemmSkinnyMaxM, ", got M = ", M);
+  if (M == 0) return;
+  QG_CHECK(x && w && y, "gemm_f16: x, w and y must be device pointers (got a null pointer)");
+  QG_CHECK(aligned(x, 16) && aligned(w, 16), "gemm_f16: x and w must be 16-byte aligned");
+  QG_CHECK(aligned(y, y_fp32 ? 8 : 4), "gemm_f16: y must be ", y_fp32 ? 8 : 4, "-byte aligned");
+  const bool has_bias = epilogue.kind != GemmEpilogue::Kind::None;
+  QG_CHECK(!has_bias || epilogue.bias, "gemm_f16: this epilogue needs a bias pointer");
+  const bool has_residual = epilogue.kind == GemmEpilogue::Kind::BiasResidual;
+  QG_CHECK(!has_residual || (epilogue.residual && aligned(epilogue.residual, 4)),
+           "gemm_f16: the residual epilogue needs a 4-byte aligned residual pointer");
+
+  tiles::Epilogue e;
+  e.kind = static_cast<int>(epilogue.kind);
+  e.bias = has_bias ? reinterpret_cast<const __half*>(epilogue.bias) : nullptr;
+  e.residual = has_residual ? reinterpret_cast<const __half*>(epilogue.residual) : nullptr;
+  e.alpha = epilogue.alpha;
+  e.y = y;
+  e.y_fp32 = y_fp32;
+  e.M = M;
+  e.N = N;
+  const auto* xh = reinterpret_cast<const __half*>(x);
+  const auto* wh = reinterpret_cast<const __half*>(w);
+  const bool skinny = path == GemmPath::Skinny || (path == GemmPath::Auto && M <= kGemmSkinnyMaxM);
+  if (skinny) {
+    launch_gemm_skinny(xh, wh, e, K, stream);
+  } else {
+    cheapest(tile_choices(path), M, N).launch(xh, wh, e, K, stream);
+  }
+}
+
+}  // namespace qg::cuda

@@ -1,0 +1,129 @@
+// Decode GEMM for M <= 16 tokens: memory-bound, so the goal is to stream W once at full HBM
+// bandwidth. Each CTA owns 32 rows of W; its 8 warps split K and meet in shared memory.
+// Every lane loads 16 contiguous bytes of a W row straight into registers and feeds them to
+// mma.sync as the B fragment: the K order inside each 32-wide slice is permuted (the same way
+// for X and W, so the dot products are unchanged) so that one 16-byte load is exactly the
+// fragment data of two m16n8k16 steps. No shared-memory staging, no ldmatrix, and all M <= 16
+// tokens ride in the same mma as the A operand.
+#include <cstdint>
+
+#include "cuda/check.h"
+#include "cuda/gemm_paths.h"
+
+namespace qg::cuda {
+namespace {
+
+using tiles::Epilogue;
+
+constexpr int kWarps = 8;            // K-split inside a CTA
+constexpr int kNFrags = 4;           // n8 fragments per CTA: 32 rows of W
+constexpr int kRowsPerCta = kNFrags * 8;
+constexpr int kSliceK = 64;          // K consumed per warp per step (two 16-byte loads per row)
+
+struct SkinnyRegs {
+  uint4 w[kNFrags][2];  // [fragment][half slice]: W[n0 + 8j + lane/4][k + 32h + 8(lane%4) ..+8]
+  uint4 x[2][2];        // [row block][half slice]: X[lane/4 + 8r][same k]
+};
+
+// ---- CUDA kernels ----
+
+/// 16-byte load that skips L1 allocation: W is read exactly once, X should keep the L1.
+__device__ __forceinline__ uint4 load_streaming(const __half* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void load_slice(SkinnyRegs& r, const __half* __restrict__ x,
+                                           const __half* __restrict__ w, const Epilogue& e,
+                                           std::int64_t n0, std::int64_t k, std::int64_t K) {
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const std::int64_t kk = k + 32 * h + 8 * t;
+    const bool k_ok = kk < K;  // K % 8 == 0: a 16-byte chunk is all in or all out
+#pragma unroll
+    for (int j = 0; j < kNFrags; ++j) {
+      const std::int64_t n = n0 + 8 * j + g;
+      r.w[j][h] = (k_ok && n < e.N) ? load_streaming(w + n * K + kk) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int rb = 0; rb < 2; ++rb) {
+      const std::int64_t m = g + 8 * rb;
+      r.x[rb][h] = (k_ok && m < e.M)
+                       ? __ldg(reinterpret_cast<const uint4*>(x + m * K + kk))
+                       : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+__device__ __forceinline__ void mma_slice(float (&acc)[kNFrags][4], const SkinnyRegs& r) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    // Lane (g, t) holds halves 8t..8t+7 of the slice; the first mma step takes 8t..8t+3 as
+    // logical k {2t, 2t+1 | 2t+8, 2t+9}, the second takes 8t+4..8t+7.
+    const std::uint32_t a0[4] = {r.x[0][h].x, r.x[1][h].x, r.x[0][h].y, r.x[1][h].y};
+    const std::uint32_t a1[4] = {r.x[0][h].z, r.x[1][h].z, r.x[0][h].w, r.x[1][h].w};
+#pragma unroll
+    for (int j = 0; j < kNFrags; ++j) {
+      tiles::mma_16816(acc[j], a0, r.w[j][h].x, r.w[j][h].y);
+      tiles::mma_16816(acc[j], a1, r.w[j][h].z, r.w[j][h].w);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kWarps * 32)
+    gemm_skinny_kernel(const __half* __restrict__ x, const __half* __restrict__ w, Epilogue e,
+                       std::int64_t K) {
+  __shared__ float partial[kWarps][kNFrags][32][4];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kRowsPerCta;
+
+  float acc[kNFrags][4] = {};
+  // Warps interleave over K so that the CTA reads each W row front to back together; the
+  // next slice's loads are issued before the current slice's mma (registers double-buffer).
+  std::int64_t k = static_cast<std::int64_t>(warp) * kSliceK;
+  SkinnyRegs cur;
+  if (k < K) load_slice(cur, x, w, e, n0, k, K);
+  for (; k < K; k += kWarps * kSliceK) {
+    SkinnyRegs next;
+    const std::int64_t k_next = k + kWarps * kSliceK;
+    if (k_next < K) load_slice(next, x, w, e, n0, k_next, K);
+    mma_slice(acc, cur);
+    cur = next;
+  }
+
+#pragma unroll
+  for (int j = 0; j < kNFrags; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) partial[warp][j][lane][r] = acc[j][r];
+  __syncthreads();
+  if (threadIdx.x >= kNFrags * 32) return;
+  const int j = threadIdx.x / 32;
+  float sum[4] = {};
+#pragma unroll
+  for (int v = 0; v < kWarps; ++v)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) sum[r] += partial[v][j][lane][r];
+  const std::int64_t row = lane / 4;
+  const std::int64_t col = n0 + 8 * j + (lane % 4) * 2;
+  tiles::store_pair(e, row, col, sum[0], sum[1]);
+  tiles::store_pair(e, row + 8, col, sum[2], sum[3]);
+}
+
+}  // namespace
+
+// ---- kernel launcher ----
+
+void launch_gemm_skinny(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
+                        cudaStream_t stream) {
+  const std::int64_t ctas = (e.N + kRowsPerCta - 1) / kRowsPerCta;
+  QG_CHECK(ctas <= 0x7fffffff, "gemm_f16: N = ", e.N, " is too large for one launch");
+  gemm_skinny_kernel<<<static_cast<unsigned>(ctas), kWarps * 32, 0, stream>>>(x, w, e, K);
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace qg::cuda

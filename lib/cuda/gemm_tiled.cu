@@ -1,0 +1,144 @@
+// Block-tiled fp16 tensor-core GEMM (Ampere-style, runs on sm_80/86/90): each CTA computes a
+// BM x BN tile of Y; a STAGES-deep cp.async pipeline streams BK-wide slices of X and W into
+// swizzled shared memory while the warps run ldmatrix + mma.sync on the previous slices; the
+// epilogue is applied to the fp32 accumulators in registers. Tails in M, N and K are
+// zero-filled by the copies and masked at the store, so any M, N and K % 8 == 0 work.
+#include <cstdint>
+
+#include "cuda/check.h"
+#include "cuda/gemm_paths.h"
+
+namespace qg::cuda {
+namespace {
+
+using tiles::Epilogue;
+
+template <int kBM, int kBN, int kBK, int kWarpsM, int kWarpsN, int kStages>
+struct TileShape {
+  static constexpr int BM = kBM, BN = kBN, BK = kBK, Stages = kStages;
+  static constexpr int WarpsM = kWarpsM, WarpsN = kWarpsN;
+  static constexpr int Threads = kWarpsM * kWarpsN * 32;
+  static constexpr int WarpTileM = BM / WarpsM, WarpTileN = BN / WarpsN;
+  static constexpr int MFrags = WarpTileM / 16, NFrags = WarpTileN / 8;
+  static constexpr int StageHalves = (BM + BN) * BK;
+  static constexpr int SmemBytes = Stages * StageHalves * 2;
+  static_assert(WarpTileM % 16 == 0 && WarpTileN % 16 == 0, "warp tile must hold whole frags");
+  static_assert((BM * BK / 8) % Threads == 0 && (BN * BK / 8) % Threads == 0,
+                "every thread copies the same number of 16-byte chunks");
+};
+
+// ---- CUDA kernels ----
+
+template <class S>
+__global__ void __launch_bounds__(S::Threads)
+    gemm_tiled_kernel(const __half* __restrict__ x, const __half* __restrict__ w, Epilogue e,
+                      std::int64_t K) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __half* smem = reinterpret_cast<__half*>(smem_raw);
+  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * S::BM;
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * S::BN;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wm = warp / S::WarpsN, wn = warp % S::WarpsN;
+  const int k_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
+
+  auto load_stage = [&](int slot, int kt) {
+    __half* a = smem + slot * S::StageHalves;
+    __half* b = a + S::BM * S::BK;
+    const std::int64_t k0 = static_cast<std::int64_t>(kt) * S::BK;
+    tiles::copy_tile<S::BM, S::BK, S::Threads>(a, x, m0, e.M, k0, K);
+    tiles::copy_tile<S::BN, S::BK, S::Threads>(b, w, n0, e.N, k0, K);
+  };
+
+  float acc[S::MFrags][S::NFrags][4];
+#pragma unroll
+  for (int i = 0; i < S::MFrags; ++i)
+#pragma unroll
+    for (int j = 0; j < S::NFrags; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < S::Stages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    tiles::cp_async_commit();  // empty groups keep the wait count uniform
+  }
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    tiles::cp_async_wait<S::Stages - 2>();
+    // Slice kt has landed for every thread, and every warp is done with slice kt - 1, whose
+    // slot the copy below overwrites.
+    __syncthreads();
+    const int next = kt + S::Stages - 1;
+    if (next < k_tiles) load_stage(next % S::Stages, next);
+    tiles::cp_async_commit();
+
+    const __half* a = smem + (kt % S::Stages) * S::StageHalves;
+    const __half* b = a + S::BM * S::BK;
+#pragma unroll
+    for (int kk = 0; kk < S::BK / 16; ++kk) {
+      std::uint32_t af[S::MFrags][4];
+      std::uint32_t bf[S::NFrags][2];
+#pragma unroll
+      for (int i = 0; i < S::MFrags; ++i) {
+        const int row = wm * S::WarpTileM + i * 16 + (lane % 16);
+        const int chunk = kk * 2 + lane / 16;
+        tiles::ldmatrix_x4(af[i], a + row * S::BK + tiles::swizzle_chunk<S::BK>(row, chunk) * 8);
+      }
+#pragma unroll
+      for (int j = 0; j < S::NFrags / 2; ++j) {
+        // Matrices: (n 0-7, k lo), (n 0-7, k hi), (n 8-15, k lo), (n 8-15, k hi).
+        const int row = wn * S::WarpTileN + j * 16 + (lane % 8) + (lane / 16) * 8;
+        const int chunk = kk * 2 + (lane / 8) % 2;
+        std::uint32_t r[4];
+        tiles::ldmatrix_x4(r, b + row * S::BK + tiles::swizzle_chunk<S::BK>(row, chunk) * 8);
+        bf[2 * j][0] = r[0];
+        bf[2 * j][1] = r[1];
+        bf[2 * j + 1][0] = r[2];
+        bf[2 * j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < S::MFrags; ++i)
+#pragma unroll
+        for (int j = 0; j < S::NFrags; ++j) tiles::mma_16816(acc[i][j], af[i], bf[j][0], bf[j][1]);
+    }
+  }
+  tiles::cp_async_wait<0>();
+
+#pragma unroll
+  for (int i = 0; i < S::MFrags; ++i) {
+#pragma unroll
+    for (int j = 0; j < S::NFrags; ++j) {
+      const std::int64_t row = m0 + wm * S::WarpTileM + i * 16 + lane / 4;
+      const std::int64_t col = n0 + wn * S::WarpTileN + j * 8 + (lane % 4) * 2;
+      tiles::store_pair(e, row, col, acc[i][j][0], acc[i][j][1]);
+      tiles::store_pair(e, row + 8, col, acc[i][j][2], acc[i][j][3]);
+    }
+  }
+}
+
+// ---- kernel launchers ----
+
+template <class S>
+void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
+                  cudaStream_t stream) {
+  opt_in_shared_memory(reinterpret_cast<const void*>(gemm_tiled_kernel<S>), S::SmemBytes);
+  gemm_tiled_kernel<S><<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(x, w, e, K);
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+using Big = TileShape<128, 256, 32, 2, 4, 4>;   // 8 warps of 64x64, 96 KiB smem
+using Mid = TileShape<128, 128, 32, 2, 2, 4>;   // 4 warps of 64x64, 64 KiB
+using Small = TileShape<64, 128, 32, 2, 2, 4>;  // 4 warps of 32x64, 48 KiB
+using Tiny = TileShape<64, 64, 32, 2, 2, 4>;    // 4 warps of 32x32, 32 KiB
+
+}  // namespace
+
+void append_mma_sync_tiles(std::vector<TileChoice>& out) {
+  // Efficiencies: bigger warp tiles reuse each fragment more (v1 measurements on H100).
+  out.push_back({Big::BM, Big::BN, 1.0, launch_shape<Big>});
+  out.push_back({Mid::BM, Mid::BN, 0.92, launch_shape<Mid>});
+  out.push_back({Small::BM, Small::BN, 0.8, launch_shape<Small>});
+  out.push_back({Tiny::BM, Tiny::BN, 0.65, launch_shape<Tiny>});
+}
+
+}  // namespace qg::cuda

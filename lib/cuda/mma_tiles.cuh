@@ -1,0 +1,140 @@
+// Tensor-core tile primitives shared by the CUDA matrix kernels: asynchronous global->shared
+// copies, a bank-conflict-free shared-memory swizzle for ldmatrix, fragment loads, the
+// m16n8k16 fp16 mma, and the fused GEMM epilogue (bias, gelu, residual, fp16/fp32 store).
+// Everything here runs on sm_80 and newer (mma.sync / ldmatrix / cp.async).
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace qg::cuda::tiles {
+
+// ---- asynchronous copies ----
+
+/// 16-byte global->shared copy; when `valid` is false the destination is zero-filled and
+/// nothing is read (src must still be a mapped address, callers pass the tensor base).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+/// Waits until at most `kPending` committed copy groups of this thread are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// ---- shared-memory layout ----
+
+/// Physical 16-byte chunk of logical chunk `chunk` in row `row` of a tile whose rows are
+/// kRowHalves fp16 wide. XOR-swizzling by the row's position within a 128-byte bank line makes
+/// the 8 row addresses of every ldmatrix phase hit 8 different 16-byte bank groups.
+template <int kRowHalves>
+__device__ __forceinline__ int swizzle_chunk(int row, int chunk) {
+  constexpr int kChunks = kRowHalves / 8;       // 16-byte chunks per row
+  constexpr int kRowsPerLine = 8 / kChunks;     // rows sharing one 128-byte line
+  static_assert(kChunks == 4 || kChunks == 8, "tile rows must be 32 or 64 halves");
+  return chunk ^ ((row / kRowsPerLine) % kChunks);
+}
+
+// ---- tile copies ----
+
+/// Copies rows [r0, r0 + Rows) x halves [k0, k0 + BK) of a row-major [rows, K] matrix into a
+/// swizzled shared tile; rows >= rows_total and k >= K are zero-filled.
+template <int Rows, int BK, int Threads>
+__device__ __forceinline__ void copy_tile(__half* tile, const __half* src, std::int64_t r0,
+                                          std::int64_t rows_total, std::int64_t k0,
+                                          std::int64_t K) {
+  constexpr int kChunks = BK / 8;
+#pragma unroll
+  for (int it = 0; it < Rows * kChunks / Threads; ++it) {
+    const int c = it * Threads + static_cast<int>(threadIdx.x);
+    const int row = c / kChunks, chunk = c % kChunks;
+    const std::int64_t gr = r0 + row, gk = k0 + chunk * 8;
+    const bool valid = gr < rows_total && gk < K;
+    cp_async_16(tile + row * BK + swizzle_chunk<BK>(row, chunk) * 8,
+                valid ? src + gr * K + gk : src, valid);
+  }
+}
+
+// ---- fragments and mma ----
+
+/// Four 8x8 fp16 matrices from shared memory; lane l supplies the row address of matrix l/8.
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+/// c[16x8] += a[16x16] · b[16x8] (fp16 in, fp32 accumulate), register fragments as in the PTX
+/// ISA: a = {rows 0-7 k 0-7, rows 8-15 k 0-7, rows 0-7 k 8-15, rows 8-15 k 8-15}.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a)[4],
+                                          std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- epilogue ----
+
+/// Device-side form of qg::cuda::GemmEpilogue plus the output it writes.
+struct Epilogue {
+  int kind = 0;  // 0 none, 1 bias, 2 bias+gelu, 3 bias+residual (GemmEpilogue::Kind order)
+  const __half* bias = nullptr;
+  const __half* residual = nullptr;
+  float alpha = 1.0f;
+  void* y = nullptr;
+  bool y_fp32 = false;
+  std::int64_t M = 0, N = 0;
+};
+
+__device__ __forceinline__ float gelu_tanh(float u) {
+  return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * u * (1.0f + 0.044715f * u * u)));
+}
+
+__device__ __forceinline__ float apply_epilogue(const Epilogue& e, std::int64_t row,
+                                                std::int64_t col, float acc) {
+  if (e.kind == 0) return acc;
+  float v = acc + __half2float(e.bias[col]);
+  if (e.kind == 2) v = gelu_tanh(v);
+  if (e.kind == 3) v = __half2float(e.residual[row * e.N + col]) * e.alpha + v;
+  return v;
+}
+
+/// Applies the epilogue to acc[row, col] and acc[row, col + 1] and stores what is in bounds.
+/// Pairs are stored as one 4-byte (fp16) or 8-byte (fp32) access when N is even.
+__device__ __forceinline__ void store_pair(const Epilogue& e, std::int64_t row, std::int64_t col,
+                                           float v0, float v1) {
+  if (row >= e.M || col >= e.N) return;
+  v0 = apply_epilogue(e, row, col, v0);
+  const bool second = col + 1 < e.N;
+  if (second) v1 = apply_epilogue(e, row, col + 1, v1);
+  const std::int64_t at = row * e.N + col;
+  if (e.y_fp32) {
+    float* out = static_cast<float*>(e.y) + at;
+    if (second && (e.N % 2 == 0)) {
+      *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+    } else {
+      out[0] = v0;
+      if (second) out[1] = v1;
+    }
+  } else {
+    __half* out = static_cast<__half*>(e.y) + at;
+    if (second && (e.N % 2 == 0)) {
+      *reinterpret_cast<__half2*>(out) = __floats2half2_rn(v0, v1);
+    } else {
+      out[0] = __float2half_rn(v0);
+      if (second) out[1] = __float2half_rn(v1);
+    }
+  }
+}
+
+}  // namespace qg::cuda::tiles
