@@ -1,0 +1,34 @@
+// Small memory-bound fp16 ops of the GLM forward pass (fp32 math inside): embedding gather,
+// gelu_tanh in place, GLM's scaled residual add, and row gathers. Each is one grid-stride
+// kernel with 16-byte accesses when sizes and pointers allow, scalar otherwise.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace qg::cuda {
+
+/// \brief out[i] = table[ids[i]] for i < n (ids on the device, so a sampled token can feed the
+/// next step without a host round trip).
+///
+/// ids are validated by the caller (backend.h); an id outside [0, vocab) yields a zero row
+/// rather than an out-of-bounds read.
+/// \param table [vocab, cols] fp16;  ids [n] int32 (device);  out [n, cols] fp16
+void embedding(const __half* table, std::int64_t vocab, std::int64_t cols, const int* ids,
+               std::int64_t n, __half* out, cudaStream_t stream);
+
+/// \brief x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) over `count` values, in place.
+void gelu_tanh(__half* x, std::int64_t count, cudaStream_t stream);
+
+/// \brief out = a * alpha + b over `count` values (GLM's residual); out may alias a or b.
+void scaled_add(const __half* a, float alpha, const __half* b, std::int64_t count, __half* out,
+                cudaStream_t stream);
+
+/// \brief out[i] = x[rows[i]] for i < n, rows of `cols` values; rows on the device and
+/// validated by the caller (an index outside [0, x_rows) yields a zero row).
+void gather_rows(const __half* x, std::int64_t x_rows, std::int64_t cols,
+                 const std::int64_t* rows, std::int64_t n, __half* out, cudaStream_t stream);
+
+}  // namespace qg::cuda

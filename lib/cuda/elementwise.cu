@@ -1,0 +1,124 @@
+// Small fp16 ops (see include/qinggeng/cuda/elementwise.h). Every kernel is a grid-stride loop
+// over "units": 8 halves (one 16-byte access) when the launcher found sizes and pointers
+// aligned, else single halves. The row gathers share one kernel for int32 and int64 indices.
+#include <cstdint>
+
+#include "cuda/check.h"
+#include "cuda/half_vector.cuh"
+#include "qinggeng/cuda/elementwise.h"
+#include "qinggeng/error.h"
+
+namespace qg::cuda {
+namespace {
+
+unsigned grid_for(std::int64_t units) {
+  const std::int64_t blocks = (units + 255) / 256;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 8192 ? 8192 : blocks));
+}
+
+__device__ __forceinline__ float gelu(float u) {
+  return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * u * (1.0f + 0.044715f * u * u)));
+}
+
+// ---- CUDA kernels ----
+
+template <int kVec>
+__global__ void gelu_kernel(__half* x, std::int64_t units) {
+  auto* p = reinterpret_cast<HalfVec<kVec>*>(x);
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    HalfVec<kVec> v = p[i];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v.v[k] = __float2half_rn(gelu(__half2float(v.v[k])));
+    p[i] = v;
+  }
+}
+
+template <int kVec>
+__global__ void scaled_add_kernel(const __half* a, float alpha, const __half* b, __half* out,
+                                  std::int64_t units) {
+  const auto* pa = reinterpret_cast<const HalfVec<kVec>*>(a);
+  const auto* pb = reinterpret_cast<const HalfVec<kVec>*>(b);
+  auto* po = reinterpret_cast<HalfVec<kVec>*>(out);
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const HalfVec<kVec> va = pa[i], vb = pb[i];
+    HalfVec<kVec> r;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      r.v[k] = __float2half_rn(__half2float(va.v[k]) * alpha + __half2float(vb.v[k]));
+    }
+    po[i] = r;
+  }
+}
+
+// out row i = x row index[i]; `units_per_row` units of kVec halves per row.
+template <int kVec, typename Index>
+__global__ void gather_kernel(const __half* x, std::int64_t x_rows, const Index* index,
+                              std::int64_t n, std::int64_t units_per_row, __half* out) {
+  const auto* px = reinterpret_cast<const HalfVec<kVec>*>(x);
+  auto* po = reinterpret_cast<HalfVec<kVec>*>(out);
+  const std::int64_t units = n * units_per_row;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t r = i / units_per_row, c = i % units_per_row;
+    const std::int64_t src = static_cast<std::int64_t>(index[r]);
+    HalfVec<kVec> v{};
+    if (src >= 0 && src < x_rows) v = px[src * units_per_row + c];
+    po[i] = v;
+  }
+}
+
+template <typename Index>
+void launch_gather(const __half* x, std::int64_t x_rows, std::int64_t cols, const Index* index,
+                   std::int64_t n, __half* out, cudaStream_t stream, const char* what) {
+  QG_CHECK(x && index && out && cols > 0 && n >= 0 && x_rows > 0, what,
+           ": null pointer or bad size (rows ", x_rows, ", cols ", cols, ", n ", n, ")");
+  if (n == 0) return;
+  if (cols % 8 == 0 && aligned16(x) && aligned16(out)) {
+    gather_kernel<8, Index><<<grid_for(n * cols / 8), 256, 0, stream>>>(x, x_rows, index, n,
+                                                                          cols / 8, out);
+  } else {
+    gather_kernel<1, Index><<<grid_for(n * cols), 256, 0, stream>>>(x, x_rows, index, n, cols, out);
+  }
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+// ---- kernel launchers ----
+
+void embedding(const __half* table, std::int64_t vocab, std::int64_t cols, const int* ids,
+               std::int64_t n, __half* out, cudaStream_t stream) {
+  launch_gather(table, vocab, cols, ids, n, out, stream, "embedding");
+}
+
+void gather_rows(const __half* x, std::int64_t x_rows, std::int64_t cols,
+                 const std::int64_t* rows, std::int64_t n, __half* out, cudaStream_t stream) {
+  launch_gather(x, x_rows, cols, rows, n, out, stream, "gather_rows");
+}
+
+void gelu_tanh(__half* x, std::int64_t count, cudaStream_t stream) {
+  QG_CHECK(x && count >= 0, "gelu_tanh: null pointer or negative count ", count);
+  if (count == 0) return;
+  if (count % 8 == 0 && aligned16(x)) {
+    gelu_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(x, count / 8);
+  } else {
+    gelu_kernel<1><<<grid_for(count), 256, 0, stream>>>(x, count);
+  }
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+void scaled_add(const __half* a, float alpha, const __half* b, std::int64_t count, __half* out,
+                cudaStream_t stream) {
+  QG_CHECK(a && b && out && count >= 0, "scaled_add: null pointer or negative count ", count);
+  if (count == 0) return;
+  if (count % 8 == 0 && aligned16(a) && aligned16(b) && aligned16(out)) {
+    scaled_add_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(a, alpha, b, out, count / 8);
+  } else {
+    scaled_add_kernel<1><<<grid_for(count), 256, 0, stream>>>(a, alpha, b, out, count);
+  }
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace qg::cuda
