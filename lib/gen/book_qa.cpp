@@ -95,18 +95,18 @@ BookQaGenerator::BookQaGenerator(ChatClient& client, std::vector<Passage> passag
   QG_CHECK(o.questions_per_passage >= 1, "book QA: questions per passage must be >= 1");
   State& s = *state_;
   s.passages = std::move(passages);
-  auto make = [&](const std::string& text, std::string_view fallback,
+  auto make = [&](const TemplateSource& source, std::string_view fallback,
                   std::vector<std::string> allowed, std::vector<std::string> required) {
-    bool custom = !text.empty();
+    bool custom = !source.text.empty();
     return std::make_unique<PromptTemplate>(
-        custom ? text : std::string(fallback),
-        custom ? o.template_origin : std::string("built-in book QA template"), allowed, required);
+        custom ? source.text : std::string(fallback),
+        custom ? source.origin : std::string("built-in book QA template"), allowed, required);
   };
-  s.question_prompt = make(o.question_template, default_question_template(),
+  s.question_prompt = make(o.question_prompt, default_question_template(),
                            {"passage", "count"}, {"passage"});
-  s.answer_prompt = make(o.answer_template, default_answer_template(), {"passage", "question"},
+  s.answer_prompt = make(o.answer_prompt, default_answer_template(), {"passage", "question"},
                          {"passage", "question"});
-  s.support_prompt = make(o.support_template, default_support_template(),
+  s.support_prompt = make(o.support_prompt, default_support_template(),
                           {"passage", "question", "answer"}, {"passage", "answer"});
 }
 

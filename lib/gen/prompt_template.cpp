@@ -68,11 +68,17 @@ PromptTemplate::PromptTemplate(std::string text, std::string origin,
 PromptTemplate PromptTemplate::load(const std::filesystem::path& file,
                                     const std::vector<std::string>& allowed,
                                     const std::vector<std::string>& required) {
+  TemplateSource source = TemplateSource::from_file(file);
+  return PromptTemplate(source.text, source.origin, allowed, required);
+}
+
+TemplateSource TemplateSource::from_file(const std::filesystem::path& file) {
+  if (file.empty()) return {};
   std::ifstream in(file, std::ios::binary);
   QG_CHECK(in, file.string(), ": cannot open prompt template");
   std::ostringstream buf;
   buf << in.rdbuf();
-  return PromptTemplate(buf.str(), file.string(), allowed, required);
+  return {buf.str(), file.string()};
 }
 
 std::string PromptTemplate::render(const std::map<std::string, std::string>& values) const {

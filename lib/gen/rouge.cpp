@@ -11,10 +11,8 @@ namespace qg::gen {
 
 namespace {
 
-// Single characters keep their code point as id; words get ids above the Unicode range.
-constexpr std::uint32_t kWordBase = 0x110000;
-// Query words absent from the pool vocabulary: they cannot match any item.
-constexpr std::uint32_t kUnknownWord = std::numeric_limits<std::uint32_t>::max();
+// Tokens of an unknown word in a query: they cannot match any pool item.
+constexpr std::uint32_t kUnknown = std::numeric_limits<std::uint32_t>::max();
 
 bool is_ascii_alnum(char32_t c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
@@ -42,26 +40,36 @@ void scan_tokens(std::string_view text, OnChar on_char, OnWord on_word) {
   flush();
 }
 
-using Vocabulary = std::unordered_map<std::string, std::uint32_t>;
+// Dense token ids (0, 1, 2, ... in order of first appearance) for characters and words, so
+// per-query tables can be plain arrays indexed by token.
+struct Vocabulary {
+  std::unordered_map<char32_t, std::uint32_t> chars;
+  std::unordered_map<std::string, std::uint32_t> words;
+  std::uint32_t size = 0;
 
-// Token ids of `text`. Words missing from `vocab` are added through `grow` (which aliases
-// `vocab`) when given, else map to kUnknownWord.
+  template <typename Map, typename Key>
+  std::uint32_t lookup(const Map& map, const Key& key) const {
+    auto it = map.find(key);
+    return it == map.end() ? kUnknown : it->second;
+  }
+  template <typename Map, typename Key>
+  std::uint32_t insert(Map& map, const Key& key) {
+    return map.emplace(key, size).second ? size++ : map.at(key);
+  }
+};
+
+// Token ids of `text`. Tokens missing from `vocab` are added through `grow` (which aliases
+// `vocab`) when given, else map to kUnknown.
 std::vector<std::uint32_t> token_ids(std::string_view text, const Vocabulary& vocab,
                                      Vocabulary* grow) {
   std::vector<std::uint32_t> ids;
   scan_tokens(
-      text, [&](char32_t c) { ids.push_back(static_cast<std::uint32_t>(c)); },
+      text,
+      [&](char32_t c) {
+        ids.push_back(grow ? grow->insert(grow->chars, c) : vocab.lookup(vocab.chars, c));
+      },
       [&](const std::string& w) {
-        auto it = vocab.find(w);
-        if (it != vocab.end()) {
-          ids.push_back(it->second);
-        } else if (grow) {
-          auto id = kWordBase + static_cast<std::uint32_t>(vocab.size());
-          grow->emplace(w, id);
-          ids.push_back(id);
-        } else {
-          ids.push_back(kUnknownWord);
-        }
+        ids.push_back(grow ? grow->insert(grow->words, w) : vocab.lookup(vocab.words, w));
       });
   return ids;
 }
@@ -73,38 +81,51 @@ double f_measure(std::size_t lcs, std::size_t m, std::size_t n) {
 
 // Bit-parallel LCS (Allison-Dix / Hyyro): one bit-vector row per distinct token of the query,
 // so that comparing the query with many items costs O(|item| * ceil(|query| / 64)) each.
+// `row_of` maps token id -> row (-1: not in the query); it must cover every id passed to lcs()
+// and is restored to all -1 when the query is destroyed.
 class LcsQuery {
  public:
-  explicit LcsQuery(const std::vector<std::uint32_t>& q)
-      : m_(q.size()), words_((q.size() + 63) / 64) {
+  LcsQuery(const std::vector<std::uint32_t>& q, std::vector<std::int32_t>& row_of)
+      : m_(q.size()), words_((q.size() + 63) / 64), row_of_(row_of) {
     for (std::size_t i = 0; i < q.size(); ++i) {
-      auto [it, fresh] = row_of_.emplace(q[i], rows_.size() / std::max<std::size_t>(words_, 1));
-      if (fresh) rows_.resize(rows_.size() + words_, 0);
-      rows_[it->second * words_ + i / 64] |= std::uint64_t{1} << (i % 64);
+      if (q[i] == kUnknown) continue;
+      std::int32_t& row = row_of_[q[i]];
+      if (row < 0) {
+        row = static_cast<std::int32_t>(rows_.size() / words_);
+        rows_.resize(rows_.size() + words_, 0);
+        touched_.push_back(q[i]);
+      }
+      rows_[static_cast<std::size_t>(row) * words_ + i / 64] |= std::uint64_t{1} << (i % 64);
     }
+    v_.resize(words_);
   }
+  ~LcsQuery() {
+    for (std::uint32_t t : touched_) row_of_[t] = -1;
+  }
+  LcsQuery(const LcsQuery&) = delete;
+  LcsQuery& operator=(const LcsQuery&) = delete;
 
-  std::size_t lcs(const std::vector<std::uint32_t>& b) const {
+  std::size_t lcs(const std::vector<std::uint32_t>& b) {
     if (m_ == 0 || b.empty()) return 0;
-    std::vector<std::uint64_t> v(words_, ~std::uint64_t{0});
+    std::fill(v_.begin(), v_.end(), ~std::uint64_t{0});
     for (std::uint32_t t : b) {
-      auto it = row_of_.find(t);
-      if (it == row_of_.end()) continue;
-      const std::uint64_t* match = &rows_[it->second * words_];
+      std::int32_t row = t == kUnknown ? -1 : row_of_[t];
+      if (row < 0) continue;
+      const std::uint64_t* match = &rows_[static_cast<std::size_t>(row) * words_];
       std::uint64_t carry = 0;
       for (std::size_t w = 0; w < words_; ++w) {
-        std::uint64_t u = v[w] & match[w];
-        std::uint64_t sum = v[w] + u;
-        std::uint64_t c1 = sum < v[w];
+        std::uint64_t u = v_[w] & match[w];
+        std::uint64_t sum = v_[w] + u;
+        std::uint64_t c1 = sum < v_[w];
         std::uint64_t sum2 = sum + carry;
         std::uint64_t c2 = sum2 < sum;
-        v[w] = sum2 | (v[w] & ~u);
+        v_[w] = sum2 | (v_[w] & ~u);
         carry = c1 | c2;
       }
     }
     std::size_t ones = 0;
     for (std::size_t w = 0; w < words_; ++w) {
-      std::uint64_t bits = v[w];
+      std::uint64_t bits = v_[w];
       std::size_t valid = std::min<std::size_t>(64, m_ - w * 64);
       if (valid < 64) bits &= (std::uint64_t{1} << valid) - 1;
       ones += static_cast<std::size_t>(__builtin_popcountll(bits));
@@ -115,8 +136,10 @@ class LcsQuery {
  private:
   std::size_t m_;
   std::size_t words_;
-  std::unordered_map<std::uint32_t, std::size_t> row_of_;
+  std::vector<std::int32_t>& row_of_;
+  std::vector<std::uint32_t> touched_;
   std::vector<std::uint64_t> rows_;
+  std::vector<std::uint64_t> v_;
 };
 
 // (token, count) pairs sorted by token.
@@ -156,7 +179,11 @@ std::vector<std::string> rouge_tokens(std::string_view text) {
 }
 
 std::size_t lcs_length(const std::vector<std::uint32_t>& a, const std::vector<std::uint32_t>& b) {
-  return LcsQuery(a).lcs(b);
+  std::uint32_t top = 0;
+  for (auto t : a) top = std::max(top, t + 1);
+  for (auto t : b) top = std::max(top, t + 1);
+  std::vector<std::int32_t> row_of(top, -1);
+  return LcsQuery(a, row_of).lcs(b);
 }
 
 double rouge_l(std::string_view a, std::string_view b) {
@@ -176,6 +203,7 @@ struct RougeIndex::State {
     std::uint32_t count;
   };
   Vocabulary vocab;
+  std::vector<std::int32_t> row_of;  // LcsQuery scratch, one entry per vocabulary token
   std::vector<std::string> texts;
   std::vector<Item> items;
   std::unordered_map<std::uint32_t, std::vector<Posting>> postings;
@@ -201,6 +229,7 @@ std::size_t RougeIndex::add(std::string_view text) {
   item.tokens = token_ids(text, s.vocab, &s.vocab);
   item.bag = make_bag(item.tokens);
   for (auto [token, count] : item.bag) s.postings[token].push_back({index, count});
+  s.row_of.resize(s.vocab.size, -1);
   s.items.push_back(std::move(item));
   s.texts.emplace_back(text);
   return index;
@@ -215,7 +244,7 @@ RougeMatch RougeIndex::best_match(std::string_view text, double min_score) const
 
   Bag qbag = make_bag(query);
   qbag.erase(std::remove_if(qbag.begin(), qbag.end(),
-                            [](const auto& p) { return p.first == kUnknownWord; }),
+                            [](const auto& p) { return p.first == kUnknown; }),
              qbag.end());
   std::sort(qbag.begin(), qbag.end(), [&](const auto& x, const auto& y) {
     return s.document_frequency(x.first) < s.document_frequency(y.first);
@@ -225,6 +254,7 @@ RougeMatch RougeIndex::best_match(std::string_view text, double min_score) const
   // token overlap is >= s*(m+n)/2; items sharing none of the first `prefix` (rarest) query
   // tokens have overlap <= the remaining count, so they are skipped.
   std::size_t prefix = qbag.size();
+  std::uint32_t suffix_total = 0;  // query tokens outside the prefix
   if (min_score > 0.0) {
     double n_min = std::ceil(min_score * static_cast<double>(m) / (2.0 - min_score) - 1e-9);
     double overlap_min = std::ceil(min_score * (static_cast<double>(m) + n_min) / 2.0 - 1e-9);
@@ -234,6 +264,7 @@ RougeMatch RougeIndex::best_match(std::string_view text, double min_score) const
       suffix += qbag[prefix - 1].second;
       --prefix;
     }
+    suffix_total = static_cast<std::uint32_t>(suffix);
   }
 
   std::vector<std::uint32_t> overlap(s.items.size(), 0);
@@ -259,6 +290,9 @@ RougeMatch RougeIndex::best_match(std::string_view text, double min_score) const
   for (std::uint32_t c : candidates) {
     std::uint32_t ov = overlap[c];
     const auto& item = s.items[c];
+    // Cheap bound first: every suffix token matching. Most candidates share one rare token
+    // and stop here, before the per-token lookups below.
+    if (f_measure(ov + suffix_total, m, item.tokens.size()) < min_score) continue;
     for (std::size_t k = prefix; k < qbag.size(); ++k) {
       ov += std::min(qbag[k].second, count_in(item.bag, qbag[k].first));
     }
@@ -267,7 +301,8 @@ RougeMatch RougeIndex::best_match(std::string_view text, double min_score) const
   }
   std::make_heap(heap.begin(), heap.end());
 
-  LcsQuery lcs(query);
+  // Scratch table restored by ~LcsQuery: the pool itself is not modified.
+  LcsQuery lcs(query, state_->row_of);
   while (!heap.empty()) {
     std::pop_heap(heap.begin(), heap.end());
     Bound top = heap.back();

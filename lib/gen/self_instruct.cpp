@@ -198,9 +198,10 @@ SelfInstructGenerator::SelfInstructGenerator(ChatClient& client, std::vector<See
   State& s = *state_;
   s.seeds = std::move(seeds);
   s.rng.seed(o.random_seed);
-  std::string text = o.prompt_template.empty() ? std::string(default_self_instruct_template())
-                                               : o.prompt_template;
-  s.prompt = std::make_unique<PromptTemplate>(text, o.prompt_origin,
+  bool custom = !o.prompt.text.empty();
+  s.prompt = std::make_unique<PromptTemplate>(
+      custom ? o.prompt.text : std::string(default_self_instruct_template()),
+      custom ? o.prompt.origin : std::string("built-in self-instruct template"),
                                               std::vector<std::string>{"category", "examples",
                                                                        "count", "first"},
                                               std::vector<std::string>{"examples"});
@@ -302,7 +303,8 @@ std::size_t SelfInstructGenerator::run(Cancellation& cancel) {
         std::string key = pool_key(t);
         std::lock_guard<std::mutex> lock(s.mutex);
         if (static_cast<std::size_t>(stats_.done) >= o.target || cancel.requested()) return;
-        RougeMatch best = s.pool.best_match(key);
+        RougeMatch best =
+            s.pool.best_match(key, std::min(o.similarity_report_floor, o.similarity_threshold));
         if (best.score >= o.similarity_threshold) {
           ++stats_.rejected;
           continue;

@@ -15,6 +15,7 @@
 #include "qinggeng/gen/chat_client.h"
 #include "qinggeng/gen/passages.h"
 #include "qinggeng/gen/progress.h"
+#include "qinggeng/gen/prompt_template.h"
 
 namespace qg::gen {
 
@@ -36,10 +37,9 @@ struct BookQaOptions {
   double passage_threshold = 0.7;     ///< ROUGE-L dedup among one passage's questions
   double global_threshold = 0.9;      ///< ROUGE-L dedup against every question so far
   std::string unanswerable_marker = "资料未提及";  ///< answers containing it are dropped
-  std::string question_template;      ///< empty: default_question_template()
-  std::string answer_template;        ///< empty: default_answer_template()
-  std::string support_template;       ///< empty: default_support_template()
-  std::string template_origin = "book QA template";
+  TemplateSource question_prompt;     ///< empty text: default_question_template()
+  TemplateSource answer_prompt;       ///< empty text: default_answer_template()
+  TemplateSource support_prompt;      ///< empty text: default_support_template()
   int max_consecutive_errors = 10;
 };
 

@@ -30,6 +30,15 @@ class PromptTemplate {
   std::string origin_;
 };
 
+/// \brief A user's template text and where it came from (for error messages). Empty text
+/// means "use the built-in default".
+struct TemplateSource {
+  std::string text;
+  std::string origin;
+  /// \brief Reads `file` (empty path: an empty source). Throws qg::Error naming the file.
+  static TemplateSource from_file(const std::filesystem::path& file);
+};
+
 /// \brief Built-in self-instruct prompt; placeholders {category} {examples} {count} {first}.
 std::string_view default_self_instruct_template();
 /// \brief Built-in question prompt for book QA; placeholders {passage} {count}.

@@ -15,6 +15,7 @@
 #include "qinggeng/gen/cancellation.h"
 #include "qinggeng/gen/chat_client.h"
 #include "qinggeng/gen/progress.h"
+#include "qinggeng/gen/prompt_template.h"
 
 namespace qg::gen {
 
@@ -65,9 +66,12 @@ struct SelfInstructOptions {
   double machine_ratio = 0.25;         ///< share of examples drawn from generated tasks
   int tasks_per_request = 8;           ///< new tasks asked for per request
   double similarity_threshold = 0.7;   ///< reject when ROUGE-L >= this against the pool
+  /// The closest pool item is searched exactly down to this score (the record's
+  /// "most_similar"); below it the search is pruned and the field may be empty. Lower is
+  /// slower on large pools.
+  double similarity_report_floor = 0.5;
   TaskFilter filter;
-  std::string prompt_template;         ///< empty: default_self_instruct_template()
-  std::string prompt_origin = "built-in self-instruct template";
+  TemplateSource prompt;               ///< empty text: default_self_instruct_template()
   std::vector<std::string> categories;  ///< empty: the categories of the seed tasks
   std::uint64_t random_seed = 1;
   int max_consecutive_errors = 10;     ///< stop the run after this many failed requests in a row
@@ -77,7 +81,7 @@ struct SelfInstructOptions {
 ///
 /// Output records: {"instruction","input","output","category","most_similar","similarity",
 /// "request_id","model"}; "most_similar" is the closest pool text (seed or generated) and
-/// "similarity" its ROUGE-L. On start the output's torn tail is repaired and its records are
+/// "similarity" its ROUGE-L (exact when at least `similarity_report_floor`). On start the output's torn tail is repaired and its records are
 /// loaded into the pool and the count, so a rerun continues where the last one stopped.
 class SelfInstructGenerator {
  public:
