@@ -17,7 +17,7 @@ int main(int argc, char** argv) {
   add_client_flags(app, client_flags);
   BookQaOptions o;
   SplitOptions split;
-  std::filesystem::path passages_path, question_file, answer_file, support_file, dump_dir;
+  std::filesystem::path passages_path, question_file, answer_file, support_file;
   std::string text_field = "text";
   app.add_option("--passages", passages_path,
                  "JSON array of strings, JSONL with a text field, a .txt book, or a directory "
@@ -50,22 +50,11 @@ int main(int argc, char** argv) {
   app.add_option("--answer-template", answer_file, "template with {passage} {question}");
   app.add_option("--support-template", support_file,
                  "template with {passage} {question} {answer}");
-  app.add_option("--max-consecutive-errors", o.max_consecutive_errors,
-                 "stop after this many failed requests in a row")
-      ->capture_default_str();
-  app.add_option("--dump-templates", dump_dir,
-                 "write the built-in prompt templates to this directory and exit");
-  try {
-    // Handled before parsing: it needs none of the required flags.
-    if (dump_templates_if_asked(argc, argv)) return 0;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
-  CLI11_PARSE(app, argc, argv);
+  if (int code = parse_command_line<CLI::ParseError>(app, argc, argv); code >= 0) return code;
 
   try {
     o.workers = client_flags.workers;
+    o.max_consecutive_errors = client_flags.max_consecutive_errors;
     o.question_prompt = TemplateSource::from_file(question_file);
     o.answer_prompt = TemplateSource::from_file(answer_file);
     o.support_prompt = TemplateSource::from_file(support_file);

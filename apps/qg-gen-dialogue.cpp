@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   client_flags.temperature = 0.9;
   add_client_flags(app, client_flags);
   SelfInstructOptions o;
-  std::filesystem::path seeds_file, template_file, dump_dir;
+  std::filesystem::path seeds_file, template_file;
   std::vector<std::string> extra_blacklist;
   app.add_option("--seeds", seeds_file, "seed tasks JSONL {category, instruction, input, output}")
       ->required();
@@ -41,30 +41,24 @@ int main(int argc, char** argv) {
                  "categories to generate (default: those of the seed tasks)");
   app.add_option("--template", template_file,
                  "prompt template file with {examples} {category} {count} {first}");
-  app.add_option("--min-instruction", o.filter.min_instruction_chars, "instruction length bounds (characters)")->capture_default_str();
-  app.add_option("--max-instruction", o.filter.max_instruction_chars, "instruction length bounds (characters)")->capture_default_str();
-  app.add_option("--max-input", o.filter.max_input_chars, "input length bound (characters)")->capture_default_str();
-  app.add_option("--min-output", o.filter.min_output_chars, "output length bounds (characters)")->capture_default_str();
-  app.add_option("--max-output", o.filter.max_output_chars, "output length bounds (characters)")->capture_default_str();
+  app.add_option("--min-instruction", o.filter.min_instruction_chars, "instruction length bounds (characters)")
+      ->capture_default_str();
+  app.add_option("--max-instruction", o.filter.max_instruction_chars, "instruction length bounds (characters)")
+      ->capture_default_str();
+  app.add_option("--max-input", o.filter.max_input_chars, "input length bound (characters)")
+      ->capture_default_str();
+  app.add_option("--min-output", o.filter.min_output_chars, "output length bounds (characters)")
+      ->capture_default_str();
+  app.add_option("--max-output", o.filter.max_output_chars, "output length bounds (characters)")
+      ->capture_default_str();
   app.add_option("--blacklist", extra_blacklist, "extra blacklisted substring (repeatable)");
   app.add_option("--random-seed", o.random_seed, "seed of example sampling")
       ->capture_default_str();
-  app.add_option("--max-consecutive-errors", o.max_consecutive_errors,
-                 "stop after this many failed requests in a row")
-      ->capture_default_str();
-  app.add_option("--dump-templates", dump_dir,
-                 "write the built-in prompt templates to this directory and exit");
-  try {
-    // Handled before parsing: it needs none of the required flags.
-    if (dump_templates_if_asked(argc, argv)) return 0;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
-  CLI11_PARSE(app, argc, argv);
+  if (int code = parse_command_line<CLI::ParseError>(app, argc, argv); code >= 0) return code;
 
   try {
     o.workers = client_flags.workers;
+    o.max_consecutive_errors = client_flags.max_consecutive_errors;
     o.filter.blacklist.insert(o.filter.blacklist.end(), extra_blacklist.begin(),
                               extra_blacklist.end());
     o.prompt = TemplateSource::from_file(template_file);

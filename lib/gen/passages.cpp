@@ -39,19 +39,6 @@ bool is_digit(char32_t c) { return c >= '0' && c <= '9'; }
 
 bool is_space(char32_t c) { return c == ' ' || c == '\t' || c == '\r' || c == 0x3000; }
 
-std::u32string decode(std::string_view s) {
-  std::u32string out;
-  out.reserve(s.size());
-  for (std::size_t i = 0; i < s.size();) out.push_back(utf8::next(s, i));
-  return out;
-}
-
-std::string encode(std::u32string_view s) {
-  std::string out;
-  for (char32_t c : s) utf8::append(out, c);
-  return out;
-}
-
 // End offsets (exclusive) of the sentences of `t`.
 std::vector<std::size_t> sentence_ends(const std::u32string& t) {
   std::vector<std::size_t> ends;
@@ -126,13 +113,13 @@ std::vector<std::string> split_passages(std::string_view text, const SplitOption
   QG_CHECK(o.target_chars >= 1 && o.max_chars >= o.target_chars,
            "passage splitting: need 1 <= target (", o.target_chars, ") <= max (", o.max_chars,
            ")");
-  std::u32string t = decode(text);
+  std::u32string t = utf8::decode_all(text);
   std::vector<std::string> passages;
   std::vector<std::size_t> lengths;
   std::u32string current;
   std::size_t current_len = 0;
   auto flush = [&] {
-    std::string p = normalize_whitespace(encode(current));
+    std::string p = normalize_whitespace(utf8::encode_all(current));
     if (!p.empty()) {
       passages.push_back(std::move(p));
       lengths.push_back(current_len);
@@ -165,7 +152,7 @@ std::vector<std::string> split_passages(std::string_view text, const SplitOption
   // A short tail joins the previous passage when that stays within the hard limit.
   if (current_len > 0 && current_len < o.min_chars && !passages.empty() &&
       lengths.back() + current_len <= o.max_chars) {
-    std::string tail = normalize_whitespace(encode(current));
+    std::string tail = normalize_whitespace(utf8::encode_all(current));
     passages.back() += (passages.back().empty() ? "" : "\n") + tail;
     current.clear();
     current_len = 0;

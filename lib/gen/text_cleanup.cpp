@@ -16,18 +16,6 @@ bool is_chinese_numeral(char32_t c) {
   return numerals.find(c) != std::u32string::npos;
 }
 
-std::u32string decode(std::string_view s) {
-  std::u32string out;
-  for (std::size_t i = 0; i < s.size();) out.push_back(utf8::next(s, i));
-  return out;
-}
-
-std::string encode(std::u32string_view s) {
-  std::string out;
-  for (char32_t c : s) utf8::append(out, c);
-  return out;
-}
-
 bool starts_with(std::u32string_view s, std::u32string_view prefix) {
   return s.substr(0, prefix.size()) == prefix;
 }
@@ -138,7 +126,7 @@ std::string normalize_whitespace(std::string_view text) {
   while (start <= text.size()) {
     std::size_t end = text.find('\n', start);
     if (end == std::string_view::npos) end = text.size();
-    std::u32string line = decode(text.substr(start, end - start));
+    std::u32string line = utf8::decode_all(text.substr(start, end - start));
     std::u32string clean;
     for (char32_t c : line) {
       if (is_space(c)) {
@@ -150,7 +138,7 @@ std::string normalize_whitespace(std::string_view text) {
     while (!clean.empty() && clean.back() == ' ') clean.pop_back();
     if (!clean.empty()) {
       if (!out.empty()) out.push_back('\n');
-      out += encode(clean);
+      out += utf8::encode_all(clean);
     }
     start = end + 1;
   }
@@ -158,7 +146,7 @@ std::string normalize_whitespace(std::string_view text) {
 }
 
 std::string strip_list_marker(std::string_view line) {
-  std::u32string text = decode(line);
+  std::u32string text = utf8::decode_all(line);
   std::u32string_view s = text;
   strip_decoration(s);
   if (strip_numbering(s)) {
@@ -168,7 +156,7 @@ std::string strip_list_marker(std::string_view line) {
   std::u32string_view rest = s;
   while (!rest.empty() && (is_space(rest.back()))) rest.remove_suffix(1);
   if (rest.size() >= 2 && rest.substr(rest.size() - 2) == U"**") rest.remove_suffix(2);
-  return encode(rest);
+  return utf8::encode_all(rest);
 }
 
 }  // namespace qg::gen

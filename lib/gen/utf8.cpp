@@ -82,6 +82,19 @@ void append(std::string& out, char32_t c) {
   }
 }
 
+std::u32string decode_all(std::string_view s) {
+  std::u32string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) out.push_back(next(s, i));
+  return out;
+}
+
+std::string encode_all(std::u32string_view s) {
+  std::string out;
+  for (char32_t c : s) append(out, c);
+  return out;
+}
+
 bool is_cjk_ideograph(char32_t c) {
   return (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0x3400 && c <= 0x4DBF) ||
          (c >= 0xF900 && c <= 0xFAFF) || (c >= 0x20000 && c <= 0x3134F);

@@ -22,6 +22,12 @@ std::size_t length(std::string_view s);
 /// Appends the UTF-8 encoding of `c` to `out`.
 void append(std::string& out, char32_t c);
 
+/// All code points of `s` (invalid bytes as U+FFFD).
+std::u32string decode_all(std::string_view s);
+
+/// UTF-8 encoding of `s`.
+std::string encode_all(std::u32string_view s);
+
 /// CJK ideographs (unified, extensions A-G, compatibility).
 bool is_cjk_ideograph(char32_t c);
 

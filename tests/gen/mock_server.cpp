@@ -177,6 +177,13 @@ void MockServer::handle(int fd) {
   }
 }
 
+std::filesystem::path scratch_dir(const std::string& name) {
+  std::filesystem::path dir = std::filesystem::path(QG_BINARY_DIR) / "gen_test_scratch" / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
 int unused_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};

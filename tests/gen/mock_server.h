@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -41,6 +42,13 @@ inline MockReply reply(int status, std::string body,
   return r;
 }
 
+/// A reply sent as raw pieces (for SSE), then the connection is closed.
+inline MockReply stream_reply(std::vector<std::string> pieces) {
+  MockReply r;
+  r.pieces = std::move(pieces);
+  return r;
+}
+
 class MockServer {
  public:
   using Handler = std::function<MockReply(const MockRequest&)>;
@@ -68,6 +76,9 @@ class MockServer {
   std::vector<std::thread> connections_;
   std::thread acceptor_;
 };
+
+/// An empty directory QG_BINARY_DIR/gen_test_scratch/<name> (removed first if present).
+std::filesystem::path scratch_dir(const std::string& name);
 
 /// A port on 127.0.0.1 with nothing listening (bound, then closed).
 int unused_port();

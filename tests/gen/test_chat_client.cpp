@@ -25,8 +25,9 @@ namespace {
 struct Harness {
   std::mutex mutex;
   std::vector<double> waits;
-  ChatClientOptions options(const std::string& base_url) {
+  ChatClientOptions options(const std::string& base_url, bool stream = false) {
     ChatClientOptions o;
+    o.stream = stream;
     o.base_url = base_url;
     o.model = "test-model";
     o.api_keys = {"key-a"};
@@ -106,15 +107,9 @@ TEST_CASE("chat client: SSE stream split at odd byte boundaries", "[gen][chat]")
   for (std::size_t pos = 0, n = 1; pos < stream.size(); pos += n, n = n % 7 + 1) {
     pieces.push_back(stream.substr(pos, n));
   }
-  MockServer server([&](const MockRequest&) {
-    MockReply r;
-    r.pieces = pieces;
-    return r;
-  });
+  MockServer server([&](const MockRequest&) { return stream_reply(pieces); });
   Harness h;
-  auto o = h.options(server.base_url());
-  o.stream = true;
-  ChatClient client(o);
+  ChatClient client(h.options(server.base_url(), true));
   ChatResult r = client.complete(ask("什么是高血压"));
   CHECK(r.content == "高血压是一种慢性病。");
   CHECK(r.finish_reason == "stop");
@@ -143,15 +138,11 @@ TEST_CASE("sse splitter: events, CRLF, comments, multi-line data, unterminated t
 TEST_CASE("chat client: stream cut before completion is retried", "[gen][chat]") {
   std::atomic<int> calls{0};
   MockServer server([&](const MockRequest&) {
-    MockReply r;
-    r.pieces = {sse_event(delta("半"))};
-    if (calls++ > 0) r.pieces = {sse_event(delta("完整")), "data: [DONE]\n\n"};
-    return r;
+    if (calls++ == 0) return stream_reply({sse_event(delta("半"))});
+    return stream_reply({sse_event(delta("完整")), "data: [DONE]\n\n"});
   });
   Harness h;
-  auto o = h.options(server.base_url());
-  o.stream = true;
-  ChatClient client(o);
+  ChatClient client(h.options(server.base_url(), true));
   ChatResult r = client.complete(ask("x"));
   CHECK(r.content == "完整");
   CHECK(r.attempts == 2);

@@ -2,21 +2,16 @@
 #include <fstream>
 
 #include "catch.hpp"
+#include "mock_server.h"
 #include "gen/utf8.h"
 #include "qinggeng/gen/jsonl.h"
 #include "qinggeng/gen/passages.h"
 
 using namespace qg::gen;
+using qg::gen::test::scratch_dir;
 namespace fs = std::filesystem;
 
 namespace {
-fs::path scratch(const std::string& name) {
-  fs::path dir = fs::path(QG_BINARY_DIR) / "gen_test_scratch" / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
 std::string slurp(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -91,7 +86,7 @@ TEST_CASE("split_passages: newlines end sentences, short tails merge, ASCII dots
 }
 
 TEST_CASE("load_passages: JSON array, JSONL, directory of books, bad input", "[gen][passages]") {
-  fs::path dir = scratch("passages");
+  fs::path dir = scratch_dir("passages");
   std::ofstream(dir / "book_data.json") << R"(["第一段内容。", "  ", "第二段内容。"])";
   auto a = load_passages(dir / "book_data.json");
   REQUIRE(a.size() == 2);
@@ -130,7 +125,7 @@ TEST_CASE("load_passages: JSON array, JSONL, directory of books, bad input", "[g
 }
 
 TEST_CASE("JSONL writer appends whole lines and repairs a torn tail", "[gen][jsonl]") {
-  fs::path dir = scratch("jsonl");
+  fs::path dir = scratch_dir("jsonl");
   fs::path file = dir / "out" / "data.jsonl";
   {
     JsonlWriter w(file);

@@ -26,13 +26,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path dir = fs::path(QG_BINARY_DIR) / "gen_test_scratch" / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
 std::vector<std::map<std::string, std::string>> read_records(const fs::path& file) {
   std::vector<std::map<std::string, std::string>> out;
   for_each_jsonl_object(file, [&](simdjson::dom::object o, const std::string&) {
@@ -99,6 +92,7 @@ SelfInstructOptions dialogue_options(const fs::path& output, std::size_t target)
   o.workers = 2;
   o.examples_per_prompt = 3;
   o.tasks_per_request = 4;
+  o.similarity_report_floor = 0.0;  // exact "most_similar" metadata
   return o;
 }
 
@@ -120,7 +114,7 @@ void check_dialogue_output(const fs::path& output, std::size_t target) {
 }  // namespace
 
 TEST_CASE("self-instruct end to end: filters, dedup, truncation, target, resume", "[gen][e2e]") {
-  fs::path dir = scratch("dialogue");
+  fs::path dir = scratch_dir("dialogue");
   fs::path output = dir / "dialogue.jsonl";
   std::atomic<int> counter{0};
   MockServer server(dialogue_handler(counter, 3, 0));
@@ -162,7 +156,7 @@ TEST_CASE("self-instruct end to end: filters, dedup, truncation, target, resume"
 }
 
 TEST_CASE("self-instruct: a fatal API error stops the run and keeps finished work", "[gen][e2e]") {
-  fs::path output = scratch("dialogue_fatal") / "out.jsonl";
+  fs::path output = scratch_dir("dialogue_fatal") / "out.jsonl";
   std::atomic<int> counter{0};
   auto inner = dialogue_handler(counter, 3, 0);
   MockServer server([&](const MockRequest& r) {
@@ -181,7 +175,7 @@ TEST_CASE("self-instruct: a fatal API error stops the run and keeps finished wor
 }
 
 TEST_CASE("self-instruct: kill -9 mid-run, then resume gives exactly the target", "[gen][e2e]") {
-  fs::path output = scratch("dialogue_kill") / "out.jsonl";
+  fs::path output = scratch_dir("dialogue_kill") / "out.jsonl";
   std::atomic<int> counter{0};
   MockServer server(dialogue_handler(counter, 3, 0.03));
   const std::size_t target = 40;
@@ -266,7 +260,7 @@ BookQaOptions book_options(const fs::path& output) {
 }  // namespace
 
 TEST_CASE("book QA end to end: grounded answers, dedup, support check, resume", "[gen][e2e]") {
-  fs::path output = scratch("bookqa") / "qa.jsonl";
+  fs::path output = scratch_dir("bookqa") / "qa.jsonl";
   std::atomic<int> question_requests{0};
   MockServer server(book_handler(question_requests));
   ChatClient client(client_options(server));
@@ -319,7 +313,7 @@ TEST_CASE("book QA end to end: grounded answers, dedup, support check, resume", 
 }
 
 TEST_CASE("book QA: global dedup across passages", "[gen][e2e]") {
-  fs::path output = scratch("bookqa_global") / "qa.jsonl";
+  fs::path output = scratch_dir("bookqa_global") / "qa.jsonl";
   MockServer server([](const MockRequest& req) {
     if (req.body.find("提出") != std::string::npos) {
       return reply(200, completion_json("1. 高血压的诊断标准是什么？\n2. 高血压如何分级？"));

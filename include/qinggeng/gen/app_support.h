@@ -3,6 +3,8 @@
 // with a progress line and a usage summary.
 #pragma once
 
+#include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -32,7 +34,9 @@ struct ClientFlags {
   double price_prompt_per_1k = 0;
   double price_completion_per_1k = 0;
   int workers = 4;
+  int max_consecutive_errors = 10;
   bool quiet = false;
+  std::filesystem::path dump_templates;  ///< only documents --dump-templates in --help
 };
 
 /// \brief Registers the client flags on a CLI11 `CLI::App` (any type with the same add_option
@@ -69,7 +73,33 @@ void add_client_flags(App& app, ClientFlags& f) {
                  "price per 1000 completion tokens, for the cost estimate")
       ->capture_default_str();
   app.add_option("--workers", f.workers, "concurrent requests")->capture_default_str();
+  app.add_option("--max-consecutive-errors", f.max_consecutive_errors,
+                 "stop after this many failed requests in a row")
+      ->capture_default_str();
   app.add_flag("--quiet", f.quiet, "no progress line");
+  app.add_option("--dump-templates", f.dump_templates,
+                 "write the built-in prompt templates to this directory and exit");
+}
+
+/// \brief If the arguments contain `--dump-templates DIR` (or `=DIR`), writes the built-in
+/// prompt templates into DIR (to edit and pass back by flag) and returns true.
+bool dump_templates_if_asked(int argc, char** argv);
+
+/// \brief Parses the command line into `app` (a CLI::App; `ParseError` = CLI::ParseError),
+/// handling --dump-templates first since it needs none of the required flags. Returns -1 to
+/// go on, else the exit code (0 after --help or --dump-templates).
+template <typename ParseError, typename App>
+int parse_command_line(App& app, int argc, char** argv) {
+  try {
+    if (dump_templates_if_asked(argc, argv)) return 0;
+    app.parse(argc, argv);
+  } catch (const ParseError& e) {
+    return app.exit(e);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return -1;
 }
 
 /// \brief The ChatClientOptions the flags describe (API keys loaded from file or environment).
@@ -85,9 +115,5 @@ void stop_on_interrupt(Cancellation& cancel);
 int run_generation(const std::function<std::size_t()>& generate, const GenStats& stats,
                    const ChatClient& client, const Cancellation& cancel, bool quiet,
                    const std::filesystem::path& output);
-
-/// \brief If the arguments contain `--dump-templates DIR` (or `=DIR`), writes the built-in
-/// prompt templates into DIR (to edit and pass back by flag) and returns true.
-bool dump_templates_if_asked(int argc, char** argv);
 
 }  // namespace qg::gen
