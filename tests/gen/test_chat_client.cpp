@@ -215,8 +215,8 @@ TEST_CASE("chat client: malformed JSON reply is retried, then reported", "[gen][
   o.max_retries = 2;
   ChatClient client(o);
   REQUIRE_THROWS_WITH(client.complete(ask("x")),
-                      Catch::Matchers::Contains("after 3 attempts") &&
-                          Catch::Matchers::Contains("malformed JSON"));
+                      QG_CONTAINS("after 3 attempts") &&
+                          QG_CONTAINS("malformed JSON"));
   CHECK(server.request_count() == 3);
   CHECK(client.usage().failures == 1);
 }
@@ -292,7 +292,7 @@ TEST_CASE("chat client: a slow reply times out and is retried", "[gen][chat]") {
   o.max_retries = 0;
   calls = 0;
   ChatClient strict(o);
-  REQUIRE_THROWS_WITH(strict.complete(ask("x")), Catch::Matchers::Contains("timed out"));
+  REQUIRE_THROWS_WITH(strict.complete(ask("x")), QG_CONTAINS("timed out"));
 }
 
 TEST_CASE("chat client: keys are rotated across requests", "[gen][chat]") {
@@ -320,9 +320,9 @@ TEST_CASE("chat client: API keys from a file or the environment", "[gen][chat]")
   std::ofstream(file) << "# keys\nsk-one\n\n  sk-two  \n";
   CHECK(load_api_keys(file) == std::vector<std::string>{"sk-one", "sk-two"});
   std::ofstream(file) << "# none\n";
-  REQUIRE_THROWS_WITH(load_api_keys(file), Catch::Matchers::Contains("holds no key"));
+  REQUIRE_THROWS_WITH(load_api_keys(file), QG_CONTAINS("holds no key"));
   REQUIRE_THROWS_WITH(load_api_keys(file.string() + ".missing"),
-                      Catch::Matchers::Contains(".missing"));
+                      QG_CONTAINS(".missing"));
   ::setenv("QG_TEST_KEYS", "a1, b2 c3", 1);
   CHECK(load_api_keys("", "QG_TEST_KEYS") == std::vector<std::string>{"a1", "b2", "c3"});
   std::filesystem::remove(file);
@@ -331,10 +331,10 @@ TEST_CASE("chat client: API keys from a file or the environment", "[gen][chat]")
 TEST_CASE("chat client: invalid options are rejected", "[gen][chat]") {
   ChatClientOptions o;
   o.base_url = "http://127.0.0.1:1/v1";
-  REQUIRE_THROWS_WITH(ChatClient(o), Catch::Matchers::Contains("model"));
+  REQUIRE_THROWS_WITH(ChatClient(o), QG_CONTAINS("model"));
   o.model = "m";
   o.base_url = "127.0.0.1:1/v1";
-  REQUIRE_THROWS_WITH(ChatClient(o), Catch::Matchers::Contains("http://"));
+  REQUIRE_THROWS_WITH(ChatClient(o), QG_CONTAINS("http://"));
 }
 
 TEST_CASE("rate limiter: request and token buckets on a virtual clock", "[gen][chat]") {
@@ -361,7 +361,7 @@ TEST_CASE("rate limiter: request and token buckets on a virtual clock", "[gen][c
     RateLimiter rl(0, 0);
     for (int i = 0; i < 1000; ++i) REQUIRE(rl.try_acquire(0.0, 1e6) == 0.0);
   }
-  REQUIRE_THROWS_WITH(RateLimiter(-1, 0), Catch::Matchers::Contains("negative"));
+  REQUIRE_THROWS_WITH(RateLimiter(-1, 0), QG_CONTAINS("negative"));
 }
 
 TEST_CASE("chat client: cancellation stops retry waits", "[gen][chat]") {

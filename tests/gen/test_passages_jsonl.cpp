@@ -82,7 +82,7 @@ TEST_CASE("split_passages: newlines end sentences, short tails merge, ASCII dots
   CHECK(parts[0] == "第一章 高血压\n高血压的定义是收缩压持续升高。\n短尾。");
   CHECK(split_passages("   \n\n ", o).empty());
   REQUIRE_THROWS_WITH(split_passages("x", SplitOptions{100, 50, 10}),
-                      Catch::Matchers::Contains("target"));
+                      QG_CONTAINS("target"));
 }
 
 TEST_CASE("load_passages: JSON array, JSONL, directory of books, bad input", "[gen][passages]") {
@@ -111,17 +111,17 @@ TEST_CASE("load_passages: JSON array, JSONL, directory of books, bad input", "[g
 
   std::ofstream(dir / "books" / "bad.txt") << "好的文本\xC3\x28坏字节";
   REQUIRE_THROWS_WITH(load_passages(dir / "books"),
-                      Catch::Matchers::Contains("bad.txt") && Catch::Matchers::Contains("UTF-8") &&
-                          Catch::Matchers::Contains("offset 12"));
+                      QG_CONTAINS("bad.txt") && QG_CONTAINS("UTF-8") &&
+                          QG_CONTAINS("offset 12"));
   std::ofstream(dir / "empty.json") << R"(["", "  "])";
-  REQUIRE_THROWS_WITH(load_passages(dir / "empty.json"), Catch::Matchers::Contains("no passages"));
+  REQUIRE_THROWS_WITH(load_passages(dir / "empty.json"), QG_CONTAINS("no passages"));
   std::ofstream(dir / "obj.json") << R"({"a":1})";
-  REQUIRE_THROWS_WITH(load_passages(dir / "obj.json"), Catch::Matchers::Contains("JSON array"));
+  REQUIRE_THROWS_WITH(load_passages(dir / "obj.json"), QG_CONTAINS("JSON array"));
   std::ofstream(dir / "nofield.jsonl") << R"({"content":"x"})" << "\n";
   REQUIRE_THROWS_WITH(load_passages(dir / "nofield.jsonl"),
-                      Catch::Matchers::Contains("nofield.jsonl:1") &&
-                          Catch::Matchers::Contains("\"text\""));
-  REQUIRE_THROWS_WITH(load_passages(dir / "missing"), Catch::Matchers::Contains("does not exist"));
+                      QG_CONTAINS("nofield.jsonl:1") &&
+                          QG_CONTAINS("\"text\""));
+  REQUIRE_THROWS_WITH(load_passages(dir / "missing"), QG_CONTAINS("does not exist"));
 }
 
 TEST_CASE("JSONL writer appends whole lines and repairs a torn tail", "[gen][jsonl]") {
@@ -131,7 +131,7 @@ TEST_CASE("JSONL writer appends whole lines and repairs a torn tail", "[gen][jso
     JsonlWriter w(file);
     w.append(JsonObject().add_string("q", "甲\n乙").add_int("n", 1).str());
     w.append(JsonObject().add_string("q", "丙").add_number("s", 0.5).add_bool("ok", true).str());
-    REQUIRE_THROWS_WITH(w.append("{\n}"), Catch::Matchers::Contains("newline"));
+    REQUIRE_THROWS_WITH(w.append("{\n}"), QG_CONTAINS("newline"));
   }
   CHECK(slurp(file) == "{\"q\":\"甲\\n乙\",\"n\":1}\n{\"q\":\"丙\",\"s\":0.5,\"ok\":true}\n");
 

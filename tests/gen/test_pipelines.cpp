@@ -168,8 +168,8 @@ TEST_CASE("self-instruct: a fatal API error stops the run and keeps finished wor
   auto o = dialogue_options(output, 100);
   o.workers = 1;
   SelfInstructGenerator gen(client, test_seeds(), o);
-  REQUIRE_THROWS_WITH(gen.run(cancel), Catch::Matchers::Contains("HTTP 401") &&
-                                           Catch::Matchers::Contains("Incorrect API key"));
+  REQUIRE_THROWS_WITH(gen.run(cancel), QG_CONTAINS("HTTP 401") &&
+                                           QG_CONTAINS("Incorrect API key"));
   CHECK(read_records(output).size() == static_cast<std::size_t>(gen.stats().done));
   CHECK(gen.stats().done > 0);
 }

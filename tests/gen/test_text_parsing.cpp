@@ -123,14 +123,14 @@ TEST_CASE("seed tasks: the shipped file and bad files", "[gen][parse]") {
   auto bad = std::filesystem::path(QG_BINARY_DIR) / "gen_bad_seeds.jsonl";
   std::ofstream(bad) << R"({"category":"诊断","instruction":"甲","output":"乙"})" << "\n"
                      << R"({"category":"诊断","output":"乙"})" << "\n";
-  REQUIRE_THROWS_WITH(load_seed_tasks(bad), Catch::Matchers::Contains("gen_bad_seeds.jsonl:2") &&
-                                                Catch::Matchers::Contains("instruction"));
+  REQUIRE_THROWS_WITH(load_seed_tasks(bad), QG_CONTAINS("gen_bad_seeds.jsonl:2") &&
+                                                QG_CONTAINS("instruction"));
   std::ofstream(bad) << "{not json\n";
-  REQUIRE_THROWS_WITH(load_seed_tasks(bad), Catch::Matchers::Contains("invalid JSON"));
+  REQUIRE_THROWS_WITH(load_seed_tasks(bad), QG_CONTAINS("invalid JSON"));
   std::ofstream(bad) << "\n";
-  REQUIRE_THROWS_WITH(load_seed_tasks(bad), Catch::Matchers::Contains("no seed tasks"));
+  REQUIRE_THROWS_WITH(load_seed_tasks(bad), QG_CONTAINS("no seed tasks"));
   REQUIRE_THROWS_WITH(load_seed_tasks(bad.string() + ".missing"),
-                      Catch::Matchers::Contains("cannot open"));
+                      QG_CONTAINS("cannot open"));
   std::filesystem::remove(bad);
 }
 
@@ -139,12 +139,12 @@ TEST_CASE("prompt templates: render, validation, shipped copies", "[gen][parse]"
                    {"passage"});
   CHECK(t.render({{"question", "甲"}, {"passage", "乙"}}) == "问甲，{字面}，资料：乙");
   REQUIRE_THROWS_WITH(PromptTemplate("{pasage}", "t.txt", {"passage"}, {}),
-                      Catch::Matchers::Contains("t.txt") &&
-                          Catch::Matchers::Contains("unknown placeholder {pasage}"));
+                      QG_CONTAINS("t.txt") &&
+                          QG_CONTAINS("unknown placeholder {pasage}"));
   REQUIRE_THROWS_WITH(PromptTemplate("no placeholder", "t.txt", {"passage"}, {"passage"}),
-                      Catch::Matchers::Contains("must contain {passage}"));
+                      QG_CONTAINS("must contain {passage}"));
   REQUIRE_THROWS_WITH(PromptTemplate("{passage", "t.txt", {"passage"}, {}),
-                      Catch::Matchers::Contains("unclosed"));
+                      QG_CONTAINS("unclosed"));
   // data/gen/prompts/ holds the built-in templates verbatim, as starting points for overrides.
   auto dir = std::string(QG_SOURCE_DIR) + "/data/gen/prompts/";
   auto read = [&](const std::string& name) {
