@@ -5,6 +5,7 @@
 
 #include "cuda/attention_tiles.cuh"
 #include "cuda/check.h"
+#include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/attention.h"
 #include "qinggeng/error.h"
 #include "qinggeng/tensor/dtype.h"
@@ -42,8 +43,11 @@ __device__ int sequence_of_row(const int* row_start, int num_seqs, int row) {
   return lo;
 }
 
-// One block per new token: angles once per token in shared memory, then every head's q and k
-// rotated pairwise (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) and v copied.
+// Grid (token, slice of the token's heads); each thread owns kVec consecutive rotation pairs
+// (x1[j..j+kVec), x2[j..j+kVec)) of one half of one head, for q, k and v at once, so every
+// load is a kVec-wide vector and all of a thread's loads are in flight together. The token's
+// angles are computed once per block into shared memory.
+template <int kVec>
 __global__ void append_kernel(const __half* __restrict__ qkv, AttentionBatch b, PagedKvLayer kv,
                               __half* __restrict__ out, RotaryTable rot) {
   __shared__ float cos_t[2][kMaxQuarter], sin_t[2][kMaxQuarter];
@@ -58,30 +62,42 @@ __global__ void append_kernel(const __half* __restrict__ qkv, AttentionBatch b, 
     sin_t[which][j] = s;
   }
   __syncthreads();
+  const int per_head = half / kVec;
+  const int p = blockIdx.y * blockDim.x + threadIdx.x;
+  if (p >= kv.num_heads * per_head) return;
+  const int h = p / per_head, r = (p % per_head) * kVec, which = r / quarter, j0 = r % quarter;
+  const int at = which * half + j0;  // x1's first index in the head; x2 is at + quarter
+
   const int seq = sequence_of_row(b.row_start, b.num_seqs, row);
   const int token = b.past[seq] + row - b.row_start[seq];
-  const int block = b.block_tables[seq * b.max_blocks + token / kv.block_size];
-  const std::size_t slot = static_cast<std::size_t>(token % kv.block_size);
-  const __half* src = qkv + static_cast<std::size_t>(row) * 3 * H;
-  // Rotation pairs: per head, `half` pairs of (q or k); then v values.
-  for (int p = threadIdx.x; p < kv.num_heads * half; p += blockDim.x) {
-    const int h = p / half, r = p % half, which = r / quarter, j = r % quarter;
-    const int at = which * half + j;  // x1's index in the head; x2 is at + quarter
-    const float c = cos_t[which][j], s = sin_t[which][j];
-    const __half* qh = src + h * 3 * D;
-    const std::size_t cache_at =
-        ((static_cast<std::size_t>(block) * kv.num_heads + h) * kv.block_size + slot) * D;
-    for (int part = 0; part < 2; ++part) {
-      const __half* x = qh + part * D;
-      const float x1 = __half2float(x[at]), x2 = __half2float(x[at + quarter]);
-      __half* dst = part == 0 ? out + static_cast<std::size_t>(row) * H + h * D
-                              : kv.keys + cache_at;
-      dst[at] = __float2half_rn(x1 * c - x2 * s);
-      dst[at + quarter] = __float2half_rn(x2 * c + x1 * s);
+  const int block = b.block_tables[seq * b.max_blocks + (token >> kv.block_shift)];
+  const std::size_t cache_at =
+      ((static_cast<std::size_t>(block) * kv.num_heads + h) * kv.block_size +
+       (token & (kv.block_size - 1))) * D;
+  using Vec = HalfVec<kVec>;
+  const __half* src = qkv + static_cast<std::size_t>(row) * 3 * H + h * 3 * D;
+  const Vec q1 = *reinterpret_cast<const Vec*>(src + at);
+  const Vec q2 = *reinterpret_cast<const Vec*>(src + at + quarter);
+  const Vec k1 = *reinterpret_cast<const Vec*>(src + D + at);
+  const Vec k2 = *reinterpret_cast<const Vec*>(src + D + at + quarter);
+  const Vec v1 = *reinterpret_cast<const Vec*>(src + 2 * D + at);
+  const Vec v2 = *reinterpret_cast<const Vec*>(src + 2 * D + at + quarter);
+  const auto rotate = [&](const Vec& x1, const Vec& x2, __half* dst) {
+    Vec y1, y2;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float c = cos_t[which][j0 + i], s = sin_t[which][j0 + i];
+      const float a = __half2float(x1.v[i]), e = __half2float(x2.v[i]);
+      y1.v[i] = __float2half_rn(a * c - e * s);
+      y2.v[i] = __float2half_rn(e * c + a * s);
     }
-    kv.values[cache_at + at] = qh[2 * D + at];
-    kv.values[cache_at + at + quarter] = qh[2 * D + at + quarter];
-  }
+    *reinterpret_cast<Vec*>(dst + at) = y1;
+    *reinterpret_cast<Vec*>(dst + at + quarter) = y2;
+  };
+  rotate(q1, q2, out + static_cast<std::size_t>(row) * H + h * D);
+  rotate(k1, k2, kv.keys + cache_at);
+  *reinterpret_cast<Vec*>(kv.values + cache_at + at) = v1;
+  *reinterpret_cast<Vec*>(kv.values + cache_at + at + quarter) = v2;
 }
 
 }  // namespace
@@ -97,8 +113,8 @@ void check_attention_args(const AttentionBatch& b, const PagedKvLayer& kv, const
                           const char* what) {
   QG_CHECK(kv.head_dim == 16 || kv.head_dim == 32 || kv.head_dim == 64 || kv.head_dim == 128,
            what, ": head_dim ", kv.head_dim, " is not supported (16, 32, 64 or 128)");
-  QG_CHECK(kv.keys && kv.values && kv.num_heads > 0 && kv.block_size > 0, what,
-           ": the KV layer view is empty");
+  QG_CHECK(kv.keys && kv.values && kv.num_heads > 0 && kv.block_size == (1 << kv.block_shift),
+           what, ": the KV layer view is empty or its block_size is not 2^block_shift");
   QG_CHECK(out != nullptr, what, ": output pointer is null");
   QG_CHECK(b.num_seqs > 0 && b.total_tokens > 0 && b.row_start && b.past && b.block_tables, what,
            ": empty batch (build it with AttentionMetadata)");
@@ -201,8 +217,16 @@ void attention_append(const __half* qkv, const AttentionBatch& batch, const Page
                       __half* out, cudaStream_t stream) {
   attn::check_attention_args(batch, kv, out, "attention_append");
   QG_CHECK(qkv != nullptr, "attention_append: qkv pointer is null");
-  append_kernel<<<batch.total_tokens, 128, 0, stream>>>(qkv, batch, kv, out,
-                                                        make_rotary_table(kv.head_dim));
+  // head_dim / 4 consecutive pairs per half: 8-wide vectors, or 4-wide for head_dim 16.
+  const int vec = kv.head_dim >= 32 ? 8 : 4;
+  const int threads = 128, vectors = kv.num_heads * kv.head_dim / 2 / vec;
+  const dim3 grid(static_cast<unsigned>(batch.total_tokens), (vectors + threads - 1) / threads);
+  const RotaryTable rot = make_rotary_table(kv.head_dim);
+  if (vec == 8) {
+    append_kernel<8><<<grid, threads, 0, stream>>>(qkv, batch, kv, out, rot);
+  } else {
+    append_kernel<4><<<grid, threads, 0, stream>>>(qkv, batch, kv, out, rot);
+  }
   QG_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kThreads)
       const int key = k0 + sub + u * kStride;
       if (key < end) {
         const std::size_t at =
-            ((static_cast<std::size_t>(table[key / kv.block_size]) * kv.num_heads + head) *
-                 kv.block_size + key % kv.block_size) * D + part8 * 8;
+            ((((static_cast<std::size_t>(table[key >> kv.block_shift]) * kv.num_heads + head)
+               << kv.block_shift) | (key & (kv.block_size - 1))) * D + part8 * 8);
         kr[u] = *reinterpret_cast<const uint4*>(kv.keys + at);
         vr[u] = *reinterpret_cast<const uint4*>(kv.values + at);
       } else {

@@ -36,9 +36,9 @@ __device__ void load_kv_tile(__half* tile, const __half* pool, const int* table,
     const bool valid = key < limit;
     const __half* src = pool;
     if (valid) {
-      const int block = table[key / kv.block_size];
-      src = pool + ((static_cast<std::size_t>(block) * kv.num_heads + head) * kv.block_size +
-                    key % kv.block_size) * D + chunk * 8;
+      const int block = table[key >> kv.block_shift];
+      src = pool + ((((static_cast<std::size_t>(block) * kv.num_heads + head) << kv.block_shift) |
+                     (key & (kv.block_size - 1))) * D + chunk * 8);
     }
     attn::cp_async_16(tile + attn::tile_offset<D>(row, chunk), src, valid);
   }
@@ -53,7 +53,9 @@ __global__ void __launch_bounds__(kThreads)
   __half* sK = sQ + kBlockM * D;
   __half* sV = sK + kBlockN * D;
 
-  const int seq = blockIdx.z, head = blockIdx.y, m0 = blockIdx.x * kBlockM;
+  // Query tiles run last-first: with a causal tail the last tiles see the most keys, and
+  // starting them first keeps the final wave short.
+  const int seq = blockIdx.z, head = blockIdx.y, m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
   const int r0 = b.row_start[seq], n = b.row_start[seq + 1] - r0;
   if (m0 >= n) return;
   const int past = b.past[seq], ctx = b.context_length[seq], kv_len = past + n;

@@ -1,5 +1,5 @@
 // HalfVec: kVec fp16 values moved as one aligned access (kVec = 8: one 16-byte load/store),
-// the unit of the memory-bound fp16 kernels (layer_norm.cu, elementwise.cu).
+// the unit of the memory-bound fp16 kernels (layer_norm.cu, elementwise.cu, the rotary append).
 #pragma once
 
 #include <cuda_fp16.h>

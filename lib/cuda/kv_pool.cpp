@@ -21,6 +21,8 @@ KvBlockPool::KvBlockPool(const KvPoolShape& shape, int num_blocks)
            "KV pool: layers ", shape.num_layers, ", heads ", shape.num_heads, ", head_dim ",
            shape.head_dim, ", block_size ", shape.block_size, ", blocks ", num_blocks,
            " must all be positive");
+  QG_CHECK((shape.block_size & (shape.block_size - 1)) == 0, "KV pool: block_size ",
+           shape.block_size, " is not a power of two");
   const std::size_t layer_bytes = bytes_per_block(shape) / (2 * shape.num_layers) * num_blocks;
   keys_.assign(static_cast<std::size_t>(shape.num_layers), nullptr);
   values_.assign(static_cast<std::size_t>(shape.num_layers), nullptr);
@@ -77,8 +79,10 @@ PagedKvLayer KvBlockPool::layer(int layer) const {
   QG_CHECK(layer >= 0 && layer < shape_.num_layers, "KV pool: layer ", layer, " outside [0, ",
            shape_.num_layers, ")");
   const auto l = static_cast<std::size_t>(layer);
+  int shift = 0;
+  while ((1 << shift) < shape_.block_size) ++shift;
   return PagedKvLayer{keys_[l], values_[l], num_blocks_, shape_.num_heads, shape_.head_dim,
-                      shape_.block_size};
+                      shape_.block_size, shift};
 }
 
 void KvBlockPool::reserve(std::vector<int>& table, int tokens) {

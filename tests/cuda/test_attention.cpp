@@ -155,12 +155,13 @@ TEST_CASE("GPU prefill attention matches the CPU backend on mixed batches") {
   const std::vector<Config> configs = {
       {1, 16, 16, {{0, 1, 0}}},
       {2, 16, 16, {{0, 37, 37}, {0, 5, 1}, {0, 70, 0}}},
-      {3, 32, 7, {{0, 130, 20}, {5, 70, 5}, {100, 3, 40}}},
+      {3, 32, 8, {{0, 130, 20}, {5, 70, 5}, {100, 3, 40}}},
       {4, 64, 16, {{33, 64, 0}, {64, 65, 1}, {0, 200, 150}}},
       {2, 128, 64, {{0, 129, 64}, {17, 1, 17}, {70, 66, 70}}},
       {32, 128, 16, {{0, 96, 60}, {40, 23, 40}}},
       {5, 128, 16, {{0, 64, 64}, {64, 64, 64}, {0, 63, 0}}},
       {8, 64, 64, {{200, 1, 0}, {1, 130, 1}}},
+      {2, 64, 1, {{3, 20, 5}, {0, 2, 2}}},
   };
   std::uint32_t seed = 100;
   for (const auto& c : configs) {
@@ -237,6 +238,7 @@ TEST_CASE("KV block pool hands out and takes back blocks without reallocating") 
   CHECK(pool.free_blocks() == 3);
   REQUIRE_THROWS_WITH(pool.layer(2), QG_CONTAINS("layer 2"));
   REQUIRE_THROWS_WITH(qg::cuda::KvBlockPool({1, 0, 64, 16}, 4), QG_CONTAINS("must all be positive"));
+  REQUIRE_THROWS_WITH(qg::cuda::KvBlockPool({1, 2, 64, 12}, 4), QG_CONTAINS("not a power of two"));
 }
 
 TEST_CASE("GPU attention rejects bad batches with a message") {

@@ -28,7 +28,7 @@ struct KvPoolShape {
   int num_layers = 0;
   int num_heads = 0;
   int head_dim = 0;
-  int block_size = 16;  ///< tokens per block (any value >= 1; powers of two are cheapest)
+  int block_size = 16;  ///< tokens per block, a power of two (kernels shift and mask)
 };
 
 /// \brief One layer's view of the pool, passed to the attention kernels by value.
@@ -39,6 +39,7 @@ struct PagedKvLayer {
   int num_heads = 0;
   int head_dim = 0;
   int block_size = 0;
+  int block_shift = 0;  ///< log2(block_size)
 };
 
 /// \brief Device KV storage for every layer and the host-side allocator of its blocks.
@@ -48,8 +49,8 @@ struct PagedKvLayer {
 class KvBlockPool {
  public:
   /// \brief Allocates `num_blocks` blocks for every layer on the current device.
-  /// \throws qg::Error for a non-positive dimension or when cudaMalloc fails (the message
-  /// gives the bytes asked for).
+  /// \throws qg::Error for a non-positive dimension, a block_size that is not a power of two,
+  /// or when cudaMalloc fails (the message gives the bytes asked for).
   KvBlockPool(const KvPoolShape& shape, int num_blocks);
   ~KvBlockPool();
   KvBlockPool(KvBlockPool&& other) noexcept;
