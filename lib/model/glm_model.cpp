@@ -15,22 +15,36 @@ GlmModel GlmModel::load(const std::filesystem::path& model_dir, std::shared_ptr<
 
 GlmModel GlmModel::from_store(const io::ModelConfig& config, const io::WeightStore& store,
                               std::shared_ptr<Backend> backend) {
+  return from_source(
+      config,
+      [&store](const std::string& name, const std::vector<std::int64_t>& shape) -> const io::TensorView* {
+        if (name == "lm_head.weight" && !store.contains(name)) return nullptr;
+        return &store.get(name, shape);
+      },
+      std::move(backend));
+}
+
+GlmModel GlmModel::from_source(const io::ModelConfig& config, const WeightSource& source,
+                               std::shared_ptr<Backend> backend) {
   QG_CHECK(backend, "GlmModel: no backend given");
+  config.validate("GlmModel");
   GlmModel m;
   m.config_ = config;
   m.backend_ = std::move(backend);
   const std::int64_t H = config.hidden_size, I = config.inner_hidden_size, V = config.vocab_size;
 
+  auto fetch = [&](const std::string& name, std::int64_t rows, std::int64_t cols, bool vector) {
+    const std::vector<std::int64_t> shape = vector ? std::vector<std::int64_t>{cols}
+                                                   : std::vector<std::int64_t>{rows, cols};
+    const io::TensorView* view = source(name, shape);
+    QG_CHECK(view != nullptr, "weight '", name, "' is missing");
+    m.weight_bytes_ += static_cast<std::size_t>(rows * cols) * dtype_size(view->dtype);
+    return m.backend_->upload(*view, rows, cols);
+  };
   auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
-    const auto& view = store.get(name, {rows, cols});
-    m.weight_bytes_ += static_cast<std::size_t>(rows * cols) * dtype_size(view.dtype);
-    return m.backend_->upload(view, rows, cols);
+    return fetch(name, rows, cols, false);
   };
-  auto vector = [&](const std::string& name, std::int64_t n) {
-    const auto& view = store.get(name, {n});
-    m.weight_bytes_ += static_cast<std::size_t>(n) * dtype_size(view.dtype);
-    return m.backend_->upload(view, 1, n);
-  };
+  auto vector = [&](const std::string& name, std::int64_t n) { return fetch(name, 1, n, true); };
 
   m.embeddings_ = matrix("transformer.word_embeddings.weight", V, H);
   for (std::int64_t i = 0; i < config.num_layers; ++i) {
@@ -52,7 +66,13 @@ GlmModel GlmModel::from_store(const io::ModelConfig& config, const io::WeightSto
   }
   m.final_ln_w_ = vector("transformer.final_layernorm.weight", H);
   m.final_ln_b_ = vector("transformer.final_layernorm.bias", H);
-  m.lm_head_ = store.contains("lm_head.weight") ? matrix("lm_head.weight", V, H) : m.embeddings_;
+  const io::TensorView* head = source("lm_head.weight", {V, H});
+  if (head) {
+    m.weight_bytes_ += static_cast<std::size_t>(V * H) * dtype_size(head->dtype);
+    m.lm_head_ = m.backend_->upload(*head, V, H);
+  } else {
+    m.lm_head_ = m.embeddings_;
+  }
   return m;
 }
 

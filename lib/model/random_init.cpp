@@ -1,10 +1,15 @@
-// write_random_model (see include/qinggeng/model/random_init.h).
+// Random ChatGLM weights (see include/qinggeng/model/random_init.h). Values come from a
+// counter-based generator (splitmix64 + Box-Muller keyed by seed, tensor index and element
+// index), so they do not depend on how many threads fill them and 6B-sized models are made
+// in seconds.
 #include "qinggeng/model/random_init.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <fstream>
-#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "qinggeng/error.h"
@@ -13,64 +18,111 @@
 namespace qg::model {
 namespace {
 
-struct Stored {
+struct TensorSpec {
   std::string name;
   std::vector<std::int64_t> shape;
-  std::vector<std::uint16_t> half;  // F16 / BF16 bits
-  std::vector<float> full;          // F32 values
+  float mean = 0.0f;
+  float scale = 1.0f;
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
 };
+
+std::vector<TensorSpec> tensor_specs(const io::ModelConfig& config, bool tie_lm_head) {
+  const std::int64_t H = config.hidden_size, I = config.inner_hidden_size, V = config.vocab_size;
+  const float h_scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const float i_scale = 1.0f / std::sqrt(static_cast<float>(I));
+  std::vector<TensorSpec> specs = {{"transformer.word_embeddings.weight", {V, H}, 0.0f, 1.0f}};
+  for (std::int64_t l = 0; l < config.num_layers; ++l) {
+    const std::string p = "transformer.layers." + std::to_string(l) + ".";
+    specs.push_back({p + "input_layernorm.weight", {H}, 1.0f, 0.1f});
+    specs.push_back({p + "input_layernorm.bias", {H}, 0.0f, 0.1f});
+    specs.push_back({p + "attention.query_key_value.weight", {3 * H, H}, 0.0f, h_scale});
+    specs.push_back({p + "attention.query_key_value.bias", {3 * H}, 0.0f, 0.1f});
+    specs.push_back({p + "attention.dense.weight", {H, H}, 0.0f, h_scale});
+    specs.push_back({p + "attention.dense.bias", {H}, 0.0f, 0.1f});
+    specs.push_back({p + "post_attention_layernorm.weight", {H}, 1.0f, 0.1f});
+    specs.push_back({p + "post_attention_layernorm.bias", {H}, 0.0f, 0.1f});
+    specs.push_back({p + "mlp.dense_h_to_4h.weight", {I, H}, 0.0f, h_scale});
+    specs.push_back({p + "mlp.dense_h_to_4h.bias", {I}, 0.0f, 0.1f});
+    specs.push_back({p + "mlp.dense_4h_to_h.weight", {H, I}, 0.0f, i_scale});
+    specs.push_back({p + "mlp.dense_4h_to_h.bias", {H}, 0.0f, 0.1f});
+  }
+  specs.push_back({"transformer.final_layernorm.weight", {H}, 1.0f, 0.1f});
+  specs.push_back({"transformer.final_layernorm.bias", {H}, 0.0f, 0.1f});
+  if (!tie_lm_head) specs.push_back({"lm_head.weight", {V, H}, 0.0f, h_scale});
+  return specs;
+}
+
+std::uint64_t splitmix64(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Standard normal number `i` of stream `key` (Box-Muller on two hashed uniforms).
+float normal_at(std::uint64_t key, std::uint64_t i) {
+  const std::uint64_t a = splitmix64(key ^ splitmix64(2 * i));
+  const std::uint64_t b = splitmix64(key ^ splitmix64(2 * i + 1));
+  const double u1 = (static_cast<double>(a >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+  const double u2 = static_cast<double>(b >> 11) * (1.0 / 9007199254740992.0);
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+}
+
+/// The bytes of one tensor in `dtype`, filled on every hardware thread.
+std::vector<std::byte> generate(const TensorSpec& spec, std::uint64_t key, DType dtype) {
+  const std::int64_t n = spec.numel();
+  std::vector<std::byte> bytes(static_cast<std::size_t>(n) * dtype_size(dtype));
+  auto fill = [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const float v = spec.mean + spec.scale * normal_at(key, static_cast<std::uint64_t>(i));
+      if (dtype == DType::F32) {
+        std::memcpy(bytes.data() + i * 4, &v, 4);
+      } else {
+        const std::uint16_t h = dtype == DType::F16 ? float_to_half(v) : float_to_bf16(v);
+        std::memcpy(bytes.data() + i * 2, &h, 2);
+      }
+    }
+  };
+  const std::int64_t threads = std::max<std::int64_t>(
+      1, std::min<std::int64_t>(std::thread::hardware_concurrency(), n / (1 << 16)));
+  std::vector<std::thread> pool;
+  const std::int64_t chunk = (n + threads - 1) / threads;
+  for (std::int64_t t = 1; t < threads; ++t) {
+    pool.emplace_back(fill, std::min(n, t * chunk), std::min(n, (t + 1) * chunk));
+  }
+  fill(0, std::min(n, chunk));
+  for (auto& th : pool) th.join();
+  return bytes;
+}
+
+void check_options(const io::ModelConfig& config, const RandomModelOptions& options) {
+  config.validate("random model");
+  QG_CHECK(options.dtype == DType::F32 || options.dtype == DType::F16 || options.dtype == DType::BF16,
+           "random model: dtype must be F32, F16 or BF16");
+}
+
+std::uint64_t tensor_key(std::uint64_t seed, std::size_t index) {
+  return splitmix64(seed * 0x100000001B3ull + index);
+}
 
 }  // namespace
 
 void write_random_model(const std::filesystem::path& dir, const io::ModelConfig& config,
                         const RandomModelOptions& options) {
-  config.validate("write_random_model");
-  QG_CHECK(options.dtype == DType::F32 || options.dtype == DType::F16 || options.dtype == DType::BF16,
-           "write_random_model: dtype must be F32, F16 or BF16");
+  check_options(config, options);
   std::filesystem::create_directories(dir);
-  std::mt19937_64 rng(options.seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  const std::int64_t H = config.hidden_size, I = config.inner_hidden_size, V = config.vocab_size;
-
-  std::vector<Stored> tensors;
-  auto add = [&](std::string name, std::vector<std::int64_t> shape, float mean, float scale) {
-    std::int64_t n = 1;
-    for (auto d : shape) n *= d;
-    Stored s{std::move(name), std::move(shape), {}, {}};
-    for (std::int64_t i = 0; i < n; ++i) {
-      const float v = mean + scale * normal(rng);
-      if (options.dtype == DType::F32) s.full.push_back(v);
-      else s.half.push_back(options.dtype == DType::F16 ? float_to_half(v) : float_to_bf16(v));
-    }
-    tensors.push_back(std::move(s));
-  };
-  const float h_scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const float i_scale = 1.0f / std::sqrt(static_cast<float>(I));
-  add("transformer.word_embeddings.weight", {V, H}, 0.0f, 1.0f);
-  for (std::int64_t l = 0; l < config.num_layers; ++l) {
-    const std::string p = "transformer.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {H}, 1.0f, 0.1f);
-    add(p + "input_layernorm.bias", {H}, 0.0f, 0.1f);
-    add(p + "attention.query_key_value.weight", {3 * H, H}, 0.0f, h_scale);
-    add(p + "attention.query_key_value.bias", {3 * H}, 0.0f, 0.1f);
-    add(p + "attention.dense.weight", {H, H}, 0.0f, h_scale);
-    add(p + "attention.dense.bias", {H}, 0.0f, 0.1f);
-    add(p + "post_attention_layernorm.weight", {H}, 1.0f, 0.1f);
-    add(p + "post_attention_layernorm.bias", {H}, 0.0f, 0.1f);
-    add(p + "mlp.dense_h_to_4h.weight", {I, H}, 0.0f, h_scale);
-    add(p + "mlp.dense_h_to_4h.bias", {I}, 0.0f, 0.1f);
-    add(p + "mlp.dense_4h_to_h.weight", {H, I}, 0.0f, i_scale);
-    add(p + "mlp.dense_4h_to_h.bias", {H}, 0.0f, 0.1f);
-  }
-  add("transformer.final_layernorm.weight", {H}, 1.0f, 0.1f);
-  add("transformer.final_layernorm.bias", {H}, 0.0f, 0.1f);
-  if (!options.tie_lm_head) add("lm_head.weight", {V, H}, 0.0f, h_scale);
-
+  const auto specs = tensor_specs(config, options.tie_lm_head);
+  std::vector<std::vector<std::byte>> data;
   std::vector<io::TensorToWrite> out;
-  for (const auto& s : tensors) {
-    const void* data = options.dtype == DType::F32 ? static_cast<const void*>(s.full.data())
-                                                   : static_cast<const void*>(s.half.data());
-    out.push_back(io::TensorToWrite{s.name, options.dtype, s.shape, data});
+  for (std::size_t k = 0; k < specs.size(); ++k) {
+    data.push_back(generate(specs[k], tensor_key(options.seed, k), options.dtype));
+  }
+  for (std::size_t k = 0; k < specs.size(); ++k) {
+    out.push_back(io::TensorToWrite{specs[k].name, options.dtype, specs[k].shape, data[k].data()});
   }
   io::write_safetensors(dir / "model.safetensors", out, {{"format", "pt"}});
 
@@ -85,6 +137,27 @@ void write_random_model(const std::filesystem::path& dir, const io::ModelConfig&
     QG_CHECK(f.good(), tmp.string(), ": write failed");
   }
   std::filesystem::rename(tmp, dir / "config.json");
+}
+
+GlmModel random_model(const io::ModelConfig& config, std::shared_ptr<Backend> backend,
+                      const RandomModelOptions& options) {
+  check_options(config, options);
+  const auto specs = tensor_specs(config, options.tie_lm_head);
+  std::vector<std::byte> current;
+  io::TensorView view;
+  return GlmModel::from_source(
+      config,
+      [&](const std::string& name, const std::vector<std::int64_t>&) -> const io::TensorView* {
+        const auto it = std::find_if(specs.begin(), specs.end(),
+                                     [&](const TensorSpec& s) { return s.name == name; });
+        if (it == specs.end()) return nullptr;
+        const auto k = static_cast<std::size_t>(it - specs.begin());
+        current = generate(*it, tensor_key(options.seed, k), options.dtype);
+        view = io::TensorView{name, options.dtype, it->shape, current.data(), current.size(),
+                              "random weights"};
+        return &view;
+      },
+      std::move(backend));
 }
 
 }  // namespace qg::model

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -27,6 +29,14 @@ class GlmModel {
   /// \brief Builds the model from an already-open store and config.
   static GlmModel from_store(const io::ModelConfig& config, const io::WeightStore& store,
                              std::shared_ptr<Backend> backend);
+
+  /// \brief Supplies the tensor `name`, checked to have `shape`, or nullptr when it is absent
+  /// (only lm_head.weight may be absent). The view must stay valid until the next call.
+  using WeightSource = std::function<const io::TensorView*(const std::string& name,
+                                                           const std::vector<std::int64_t>& shape)>;
+  /// \brief Builds the model from any weight provider (a store, generated weights, ...).
+  static GlmModel from_source(const io::ModelConfig& config, const WeightSource& source,
+                              std::shared_ptr<Backend> backend);
 
   const io::ModelConfig& config() const { return config_; }
   Backend& backend() const { return *backend_; }

@@ -5,8 +5,10 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 
 #include "qinggeng/io/model_config.h"
+#include "qinggeng/model/glm_model.h"
 #include "qinggeng/tensor/dtype.h"
 
 namespace qg::model {
@@ -22,5 +24,10 @@ struct RandomModelOptions {
 /// `config`'s shapes (creating `dir`; existing files are replaced atomically).
 void write_random_model(const std::filesystem::path& dir, const io::ModelConfig& config,
                         const RandomModelOptions& options = {});
+
+/// \brief A model with the same random weights write_random_model would store, built straight
+/// on `backend` without files (benchmarks of 6B shapes).
+GlmModel random_model(const io::ModelConfig& config, std::shared_ptr<Backend> backend,
+                      const RandomModelOptions& options = {});
 
 }  // namespace qg::model
