@@ -28,9 +28,13 @@ struct ModelOptions {
     app.add_option("--threads", threads, "CPU threads (0 = all cores)")->capture_default_str();
   }
 
+  /// Loads the model and prints where it runs (and the GPU memory plan) on stderr.
   model::GlmModel load() const {
     QG_CHECK(std::filesystem::exists(model_dir), model_dir, ": model directory not found");
-    return model::GlmModel::load(model_dir, model::make_backend(device, threads));
+    auto model = model::GlmModel::load(model_dir, model::make_backend(device, threads));
+    const std::string plan = model.backend().memory_report();
+    if (!plan.empty()) std::fprintf(stderr, "memory plan: %s\n", plan.c_str());
+    return model;
   }
 };
 

@@ -105,6 +105,19 @@ class CudaBackend final : public Backend {
     return device_tensor(DType::F32, rows, cols, "logits");
   }
 
+  void plan_weights(std::size_t elements) override {
+    std::size_t free_bytes = 0, total = 0;
+    QG_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+    const std::size_t need = elements * 2;
+    QG_CHECK(need < free_bytes, "the model's fp16 weights need ", gib(need), " GiB but only ",
+             gib(free_bytes), " of ", gib(total), " GiB are free on ",
+             cuda::device_description(device_));
+  }
+
+  void prepare_kv_cache(int num_layers, const AttentionShape& shape) override {
+    if (!pool_) create_pool(num_layers, shape);
+  }
+
   std::unique_ptr<KvCache> new_kv_cache(int num_layers, const AttentionShape& shape,
                                         int capacity) override {
     if (!pool_) create_pool(num_layers, shape);

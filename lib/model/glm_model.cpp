@@ -46,6 +46,8 @@ GlmModel GlmModel::from_source(const io::ModelConfig& config, const WeightSource
   };
   auto vector = [&](const std::string& name, std::int64_t n) { return fetch(name, 1, n, true); };
 
+  const std::int64_t per_layer = 4 * H + 3 * H * H + 3 * H + H * H + H + 2 * I * H + I + H;
+  m.backend_->plan_weights(static_cast<std::size_t>(2 * V * H + config.num_layers * per_layer + 2 * H));
   m.embeddings_ = matrix("transformer.word_embeddings.weight", V, H);
   for (std::int64_t i = 0; i < config.num_layers; ++i) {
     const std::string p = "transformer.layers." + std::to_string(i) + ".";
@@ -73,6 +75,9 @@ GlmModel GlmModel::from_source(const io::ModelConfig& config, const WeightSource
   } else {
     m.lm_head_ = m.embeddings_;
   }
+  m.backend_->prepare_kv_cache(static_cast<int>(config.num_layers),
+                               {static_cast<int>(config.num_attention_heads),
+                                static_cast<int>(config.head_dim())});
   return m;
 }
 

@@ -109,6 +109,15 @@ class Backend {
                          const AttentionShape& shape, Tensor& out) = 0;
   /// \brief out[i] = x[rows[i]].
   virtual void gather_rows(const Tensor& x, const std::vector<std::int64_t>& rows, Tensor& out) = 0;
+  /// \brief Called before the weights are uploaded with their total element count, so a
+  /// backend can refuse early and clearly when they will not fit.
+  virtual void plan_weights(std::size_t elements) { (void)elements; }
+  /// \brief Called once the weights are in place: a backend with a shared cache pool sizes
+  /// and allocates it now, so the memory plan is known (and printed) at load.
+  virtual void prepare_kv_cache(int num_layers, const AttentionShape& shape) {
+    (void)num_layers;
+    (void)shape;
+  }
   /// \brief One line on device memory (weights, KV cache, workspace), empty on the CPU.
   virtual std::string memory_report() const { return {}; }
   /// \brief Copies rows of a tensor to host float32 (converting from the compute dtype).
