@@ -7,16 +7,9 @@
 
 #include "qinggeng/io/model_config.h"
 #include "qinggeng/model/random_init.h"
+#include "scratch_dir.h"
 
 namespace qg::test {
-
-/// A fresh (emptied) scratch directory under the build tree.
-inline std::filesystem::path scratch_dir(const std::string& name) {
-  const auto dir = std::filesystem::path(QG_BINARY_DIR) / "test-scratch" / name;
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
 
 /// The tiny configuration the model tests use (vocab 200, hidden 64, 2 layers, 4 heads).
 inline io::ModelConfig tiny_config() {

@@ -1,6 +1,8 @@
 // Scripted loopback HTTP server for the generator tests (see mock_server.h).
 #include "mock_server.h"
 
+#include "scratch_dir.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -178,10 +180,7 @@ void MockServer::handle(int fd) {
 }
 
 std::filesystem::path scratch_dir(const std::string& name) {
-  std::filesystem::path dir = std::filesystem::path(QG_BINARY_DIR) / "gen_test_scratch" / name;
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
+  return qg::test::scratch_dir("gen/" + name);
 }
 
 int unused_port() {

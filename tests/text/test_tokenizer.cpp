@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "scratch_dir.h"
 #include "qinggeng/error.h"
 #include "text/trained_tokenizers.h"
 
@@ -36,12 +37,7 @@ bool contains_piece(const std::vector<std::string>& pieces, const std::string& p
   return std::find(pieces.begin(), pieces.end(), piece) != pieces.end();
 }
 
-fs::path scratch_dir(const std::string& name) {
-  const fs::path dir = fs::path(QG_BINARY_DIR) / "test_tokenizer_scratch" / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path scratch_dir(const std::string& name) { return qg::test::scratch_dir("tokenizer/" + name); }
 
 void write_file(const fs::path& file, const std::string& bytes) {
   std::ofstream(file, std::ios::binary) << bytes;
