@@ -12,6 +12,7 @@
 #include "cuda/check.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/device_allocator.h"
+#include "cuda/op_profiler.h"
 #include "qinggeng/cuda/attention.h"
 #include "qinggeng/cuda/convert.h"
 #include "qinggeng/cuda/device.h"
@@ -60,9 +61,11 @@ class CudaBackend final : public Backend {
     QG_CUDA_CHECK(cudaSetDevice(device));
     QG_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     QG_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
+    profiler_ = std::make_unique<cuda::OpProfiler>(stream_);
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    profiler_.reset();
     pool_.reset();
     cudaStreamDestroy(stream_);
   }
@@ -130,6 +133,7 @@ class CudaBackend final : public Backend {
   }
 
   void embedding(const Tensor& table, const std::vector<int>& ids, Tensor& out) override {
+    const auto timing = profiler_->scope("embedding");
     check_f16(out, static_cast<std::int64_t>(ids.size()), table.cols(), "embedding output");
     for (int id : ids) {
       QG_CHECK(id >= 0 && id < table.rows(), "token id ", id, " outside [0, ", table.rows(), ")");
@@ -141,6 +145,7 @@ class CudaBackend final : public Backend {
 
   void layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
                   Tensor& out) override {
+    const auto timing = profiler_->scope("layer_norm");
     check_f16(gamma, 1, x.cols(), "layer_norm gamma");
     check_f16(beta, 1, x.cols(), "layer_norm beta");
     check_f16(out, x.rows(), x.cols(), "layer_norm output");
@@ -182,15 +187,20 @@ class CudaBackend final : public Backend {
     QG_CUDA_CHECK(cudaMemcpyAsync(out.data(), tmp.data(), tmp.nbytes(), cudaMemcpyDeviceToDevice, stream_));
   }
 
-  void gelu(Tensor& x) override { cuda::gelu_tanh(h(x), x.numel(), stream_); }
+  void gelu(Tensor& x) override {
+    const auto timing = profiler_->scope("gelu");
+    cuda::gelu_tanh(h(x), x.numel(), stream_);
+  }
 
   void scaled_add(const Tensor& a, float alpha, const Tensor& b, Tensor& out) override {
+    const auto timing = profiler_->scope("scaled_add");
     check_f16(b, a.rows(), a.cols(), "scaled_add b");
     check_f16(out, a.rows(), a.cols(), "scaled_add output");
     cuda::scaled_add(h(a), alpha, h(b), a.numel(), h(out), stream_);
   }
 
   void begin_forward(const std::vector<SequenceChunk>& batch) override {
+    const auto timing = profiler_->scope("begin_forward (metadata upload)");
     std::vector<cuda::AttentionSequence> seqs;
     seqs.reserve(batch.size());
     for (const auto& chunk : batch) {
@@ -217,6 +227,7 @@ class CudaBackend final : public Backend {
 
   void attention(const Tensor& qkv, const std::vector<SequenceChunk>& batch, int layer,
                  const AttentionShape& shape, Tensor& out) override {
+    const auto timing = profiler_->scope(attention_batch_.max_new_tokens == 1 ? "attention (decode)" : "attention (prefill)");
     const std::int64_t H = static_cast<std::int64_t>(shape.num_heads) * shape.head_dim;
     check_f16(qkv, attention_batch_.total_tokens, 3 * H, "attention qkv");
     check_f16(out, attention_batch_.total_tokens, H, "attention output");
@@ -227,6 +238,7 @@ class CudaBackend final : public Backend {
   }
 
   void gather_rows(const Tensor& x, const std::vector<std::int64_t>& rows, Tensor& out) override {
+    const auto timing = profiler_->scope("gather_rows");
     check_f16(out, static_cast<std::int64_t>(rows.size()), x.cols(), "gather_rows output");
     auto d_rows = alloc_->allocate(rows.size() * sizeof(std::int64_t), "row indices");
     QG_CUDA_CHECK(cudaMemcpyAsync(d_rows.get(), rows.data(), rows.size() * sizeof(std::int64_t),
@@ -247,6 +259,7 @@ class CudaBackend final : public Backend {
       QG_CUDA_CHECK(cudaMemcpyAsync(out, tmp.get(), n * 4, cudaMemcpyDeviceToHost, stream_));
     }
     QG_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    profiler_->collect();
   }
 
   std::string memory_report() const override {
@@ -293,6 +306,10 @@ class CudaBackend final : public Backend {
     if (!bias.empty()) check_f16(bias, 1, N, "linear bias");
     QG_CHECK(out.rows() == M && out.cols() == N, "cuda backend: linear output is ",
              out.shape_string(), ", expected [", M, ", ", N, "]");
+    const auto timing = profiler_->scope(
+        profiler_->enabled() ? "gemm N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                                   (M <= cuda::kGemmSkinnyMaxM ? " (skinny)" : " (tiled)")
+                             : std::string());
     cuda::gemm_f16(u16(x), u16(w), out.data(), out.dtype() == DType::F32, M, N, K, ep, stream_);
   }
 
@@ -324,6 +341,7 @@ class CudaBackend final : public Backend {
   cuda::AttentionMetadata metadata_;
   cuda::AttentionBatch attention_batch_;
   std::shared_ptr<void> workspace_;
+  std::unique_ptr<cuda::OpProfiler> profiler_;
 };
 
 }  // namespace
