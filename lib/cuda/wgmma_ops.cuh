@@ -1,6 +1,7 @@
 // Hopper (sm_90a) warpgroup MMA wrappers: wgmma.mma_async m64nNk16 with fp16 inputs from
 // shared memory and fp32 accumulators in registers, plus its fence / commit / wait and the
-// shared-memory matrix descriptor for K-major tiles stored with the 128-byte swizzle.
+// shared-memory matrix descriptor for K-major tiles stored with the 128-byte swizzle, and the
+// mbarrier / TMA / setmaxnreg primitives of a warp-specialised Hopper pipeline.
 // The instruction bodies exist only in the sm_90a pass of nvcc (__CUDA_ARCH_FEAT_SM90_ALL);
 // other targets compile a trap, and the host side never launches them there.
 #pragma once
@@ -37,14 +38,6 @@ template <int kPending>
 __device__ __forceinline__ void wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-/// Makes this thread's generic-proxy shared-memory writes (cp.async included) visible to the
-/// async proxy that wgmma reads through; call before the barrier that publishes a tile.
-__device__ __forceinline__ void fence_shared_for_async() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 
@@ -135,6 +128,85 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
   __trap();
+#endif
+}
+
+// ---- mbarriers and the tensor-memory-access (TMA) copy engine ----
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+/// Initialises a shared-memory barrier that completes a phase after `arrivals` arrivals
+/// (plus, when armed with expect_tx, the announced bytes).
+__device__ __forceinline__ void barrier_init(std::uint64_t* bar, unsigned arrivals) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals)
+               : "memory");
+#endif
+}
+
+/// Makes barrier initialisation visible to the copy engine (then __syncthreads).
+__device__ __forceinline__ void barrier_init_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void barrier_arrive(std::uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+
+/// Arrives and announces `bytes` that copies completing on this barrier will deliver.
+__device__ __forceinline__ void barrier_arrive_expect_bytes(std::uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+
+/// Blocks until the barrier phase with this parity (0 for its 1st, 3rd, ... completion) ended.
+__device__ __forceinline__ void barrier_wait(std::uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  unsigned done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+
+/// TMA: copies the box at (inner, outer) of the tensor `map` describes into shared memory,
+/// completing `bytes` on `bar`. Out-of-range elements arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int inner, int outer,
+                                            std::uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
+      : "memory");
+#endif
+}
+
+/// Hands registers between warpgroups: producers shrink to kRegs, consumers grow to kRegs.
+template <int kRegs>
+__device__ __forceinline__ void shrink_registers() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void grow_registers() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 #endif
 }
 
