@@ -30,14 +30,17 @@ struct GemmEpilogue {
 
 /// \brief Which kernel family runs; Auto is what callers want (tests and benches force one).
 enum class GemmPath {
-  Auto,    ///< skinny for M <= 16, else the cheapest tile shape of the families this GPU runs
+  Auto,    ///< skinny for M <= 16 (and up to 64 when tiles would leave SMs idle), else the
+           ///< cheapest tile shape of the families this GPU runs
   Tiled,   ///< block-tiled mma.sync pipeline (any M, every supported GPU)
   Wgmma,   ///< block-tiled wgmma pipeline (any M; H100/H200 with a build that has sm_90a)
-  Skinny,  ///< weight-streaming decode kernel (M <= 16 only)
+  Skinny,  ///< weight-streaming decode kernel (M <= kGemmSkinnyMaxM)
 };
 
 /// \brief Largest M the skinny (decode) path accepts.
-inline constexpr std::int64_t kGemmSkinnyMaxM = 16;
+inline constexpr std::int64_t kGemmSkinnyMaxM = 64;
+/// \brief Auto always takes the skinny path up to this M (decode batches).
+inline constexpr std::int64_t kGemmDecodeMaxM = 16;
 
 /// \brief "skinny", "wgmma 128x256", "mma.sync 128x128", ...: the kernel and tile shape
 /// gemm_f16 runs for this size with GemmPath::Auto on the current device (for benchmarks).
