@@ -33,15 +33,6 @@ struct WgmmaShape {
 
 // ---- CUDA kernels ----
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void wgmma_tile(float (&acc)[64], std::uint64_t a, std::uint64_t b) {
-  wgmma::wgmma_m64n128k16(acc, a, b, 1);
-}
-__device__ __forceinline__ void wgmma_tile(float (&acc)[128], std::uint64_t a, std::uint64_t b) {
-  wgmma::wgmma_m64n256k16(acc, a, b, 1);
-}
-#endif
-
 template <class S>
 __global__ void __launch_bounds__(S::Threads, 1)
     gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x,
@@ -85,9 +76,13 @@ __global__ void __launch_bounds__(S::Threads, 1)
 
   wgmma::grow_registers<232>();
   const int consumer = warpgroup - 1;
-  float acc[S::BN / 2];
+  // One m64n128 accumulator per 128 columns of the tile (a 256-wide tile issues two).
+  constexpr int kHalves = S::BN / 128;
+  float acc[kHalves][64];
 #pragma unroll
-  for (int i = 0; i < S::BN / 2; ++i) acc[i] = 0.0f;
+  for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[h][i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {
     const int slot = kt % S::Stages;
     wgmma::barrier_wait(&full[slot], (kt / S::Stages) & 1);
@@ -97,7 +92,11 @@ __global__ void __launch_bounds__(S::Threads, 1)
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < S::BK / 16; ++kk) {
-      wgmma_tile(acc, wgmma::smem_desc(a + kk * 16), wgmma::smem_desc(b + kk * 16));
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        wgmma::wgmma_m64n128k16(acc[h], wgmma::smem_desc(a + kk * 16),
+                                wgmma::smem_desc(b + h * 128 * S::BK + kk * 16), 1);
+      }
     }
     wgmma::commit();
     wgmma::wait<1>();  // the previous slice's batch is done: its slot can be refilled
@@ -109,10 +108,13 @@ __global__ void __launch_bounds__(S::Threads, 1)
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x % 128) / 32;
   const std::int64_t row = m0 + consumer * 64 + warp_in_group * 16 + lane / 4;
 #pragma unroll
-  for (int j = 0; j < S::BN / 8; ++j) {
-    const std::int64_t col = n0 + j * 8 + (lane % 4) * 2;
-    tiles::store_pair(e, row, col, acc[4 * j], acc[4 * j + 1]);
-    tiles::store_pair(e, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+  for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const std::int64_t col = n0 + h * 128 + j * 8 + (lane % 4) * 2;
+      tiles::store_pair(e, row, col, acc[h][4 * j], acc[h][4 * j + 1]);
+      tiles::store_pair(e, row + 8, col, acc[h][4 * j + 2], acc[h][4 * j + 3]);
+    }
   }
 #else
   (void)map_x, (void)map_w, (void)e, (void)K;
