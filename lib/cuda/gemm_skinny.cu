@@ -22,8 +22,10 @@ constexpr int kSliceK = 64;          // K consumed per warp per step (two 16-byt
 
 template <int kMBlocks>
 struct SkinnyRegs {
-  uint4 w[kNFrags][2];            // [fragment][half slice]: W[n0 + 8j + lane/4][k + 32h + 8(lane%4) ..+8]
-  uint4 x[kMBlocks][2][2];        // [16-row block][row half][half slice]: X[16b + 8r + lane/4][same k]
+  // w[j][h] = W[n0 + 8j + lane/4][k + 32h + 8(lane%4) .. +8]  (fragment j, half slice h)
+  uint4 w[kNFrags][2];
+  // x[b][r][h] = X[16b + 8r + lane/4][same k]  (16-row block b, row half r)
+  uint4 x[kMBlocks][2][2];
 };
 
 // ---- CUDA kernels ----

@@ -209,7 +209,8 @@ TEST_CASE("gemm_f16 skinny path: a batch of tokens equals each token alone, bit 
   GpuProblem batch(p.x, p.w, p.bias, p.residual);
   const HostMatrix all = batch.run(Kind::BiasGelu, 1.0f, true, GemmPath::Skinny);
   for (std::int64_t m : {0, 5, 15, 16, 40, 63}) {
-    HostMatrix row{1, K, std::vector<float>(p.x.data.begin() + m * K, p.x.data.begin() + (m + 1) * K)};
+    HostMatrix row{1, K,
+                   std::vector<float>(p.x.data.begin() + m * K, p.x.data.begin() + (m + 1) * K)};
     HostMatrix res{1, N, std::vector<float>(p.residual.data.begin() + m * N,
                                             p.residual.data.begin() + (m + 1) * N)};
     GpuProblem one(row, p.w, p.bias, res);

@@ -1,9 +1,9 @@
 // fp16 tensor-core GEMM of the CUDA backend: Y[M, N] = X[M, K] · W[N, K]^T with fp32
 // accumulation and a fused epilogue (bias, gelu, GLM residual), fp16 or fp32 output.
 // W is a PyTorch Linear weight ([out_features, in_features], row-major); X and Y are row-major
-// activations. Large M runs a multi-stage cp.async tile pipeline feeding wgmma on H100/H200
-// and mma.sync elsewhere; M <= 16 (decode) runs a skinny path that streams each weight once
-// for all tokens.
+// activations. Large M runs a multi-stage tile pipeline: TMA + wgmma on H100/H200, cp.async +
+// mma.sync elsewhere. M <= 16 (decode; up to 64 on narrow layers) runs a skinny path that
+// streams each weight once for all tokens.
 // Pointers are fp16 bit patterns (uint16_t) so this header does not need cuda_fp16.h.
 #pragma once
 
