@@ -74,7 +74,9 @@ double measure_copy_gbps() {
   check_cuda(cudaMalloc(&src, bytes), "cudaMalloc");
   check_cuda(cudaMalloc(&dst, bytes), "cudaMalloc");
   check_cuda(cudaMemset(src, 0x3c, bytes), "cudaMemset");
-  auto copy = [&](int) { check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice), "copy"); };
+  auto copy = [&](int) {
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice), "copy");
+  };
   time_ms(copy, 2, nullptr);  // warm-up
   std::vector<double> ms;
   for (int i = 0; i < 10; ++i) ms.push_back(time_ms(copy, 1, nullptr));
@@ -85,7 +87,8 @@ double measure_copy_gbps() {
 
 double measure_cublas_tflops() {
   const int n = 8192;
-  RandomHalfBuffer a(std::size_t{n} * n, 1.0f), b(std::size_t{n} * n, 1.0f), c(std::size_t{n} * n, 1.0f);
+  const std::size_t elements = std::size_t{n} * n;
+  RandomHalfBuffer a(elements, 1.0f), b(elements, 1.0f), c(elements, 1.0f);
   cublasHandle_t handle = nullptr;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) fail("cublasCreate failed");
   const float one = 1.0f, zero = 0.0f;

@@ -1,7 +1,8 @@
 // GEMM benchmarks: qg::cuda::gemm_f16 against cuBLAS (cublasGemmEx, fp16 in/out, fp32
 // accumulation) on ChatGLM-6B's linear layers for decode (M = 1..16, skinny path) and prefill
-// (M = 64..2048, tiled path). Weights and activations rotate over enough copies that L2 (50 MB
-// on H100) never holds them between calls, as in a real forward pass over 28 layers.
+// (M = 64..2048, tiled, or skinny where gemm_plan says so). Weights and activations rotate
+// over enough copies that L2 (50 MB on H100) never holds them between calls, as in a real
+// forward pass over 28 layers.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 
@@ -52,7 +53,8 @@ Workspace& workspace_for(std::int64_t N, std::int64_t K) {
     ws.copies = weight_bytes >= rotate_bytes ? 1 : static_cast<int>(rotate_bytes / weight_bytes) + 1;
     for (int c = 0; c < ws.copies; ++c) {
       ws.w.push_back(std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(N * K), 0.03f));
-      ws.x.push_back(std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(kMaxTokens * K), 1.0f));
+      ws.x.push_back(
+          std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(kMaxTokens * K), 1.0f));
     }
     ws.y = std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(kMaxTokens * N), 1.0f);
   }

@@ -29,7 +29,8 @@ void append_mma_sync_tiles(std::vector<TileChoice>& out);
 /// and this build carries the sm_90a kernels.
 void append_wgmma_tiles(std::vector<TileChoice>& out);
 
-/// \brief Decode GEMM for M <= 16: every weight byte is read once for all M rows of x.
+/// \brief Decode GEMM for M <= kGemmSkinnyMaxM: every weight byte is read once for all M
+/// rows of x.
 void launch_gemm_skinny(const __half* x, const __half* w, const tiles::Epilogue& e,
                         std::int64_t K, cudaStream_t stream);
 

@@ -1,10 +1,10 @@
-// Decode GEMM for M <= 16 tokens: memory-bound, so the goal is to stream W once at full HBM
+// Decode GEMM for M <= 64 tokens: memory-bound, so the goal is to stream W once at full HBM
 // bandwidth. Each CTA owns 32 rows of W; its 8 warps split K and meet in shared memory.
 // Every lane loads 16 contiguous bytes of a W row straight into registers and feeds them to
 // mma.sync as the B fragment: the K order inside each 32-wide slice is permuted (the same way
 // for X and W, so the dot products are unchanged) so that one 16-byte load is exactly the
-// fragment data of two m16n8k16 steps. No shared-memory staging, no ldmatrix, and all M <= 16
-// tokens ride in the same mma as the A operand.
+// fragment data of two m16n8k16 steps. No shared-memory staging, no ldmatrix; every 16 tokens
+// are one A operand (kMBlocks of them), so each W fragment feeds kMBlocks mma.
 #include <cstdint>
 
 #include "cuda/check.h"
@@ -20,9 +20,12 @@ constexpr int kNFrags = 4;           // n8 fragments per CTA: 32 rows of W
 constexpr int kRowsPerCta = kNFrags * 8;
 constexpr int kSliceK = 64;          // K consumed per warp per step (two 16-byte loads per row)
 
+template <int kMBlocks>
 struct SkinnyRegs {
-  uint4 w[kNFrags][2];  // [fragment][half slice]: W[n0 + 8j + lane/4][k + 32h + 8(lane%4) ..+8]
-  uint4 x[2][2];        // [row block][half slice]: X[lane/4 + 8r][same k]
+  // w[j][h] = W[n0 + 8j + lane/4][k + 32h + 8(lane%4) .. +8]  (fragment j, half slice h)
+  uint4 w[kNFrags][2];
+  // x[b][r][h] = X[16b + 8r + lane/4][same k]  (16-row block b, row half r)
+  uint4 x[kMBlocks][2][2];
 };
 
 // ---- CUDA kernels ----
@@ -36,7 +39,8 @@ __device__ __forceinline__ uint4 load_streaming(const __half* p) {
   return v;
 }
 
-__device__ __forceinline__ void load_slice(SkinnyRegs& r, const __half* __restrict__ x,
+template <int kMBlocks>
+__device__ __forceinline__ void load_slice(SkinnyRegs<kMBlocks>& r, const __half* __restrict__ x,
                                            const __half* __restrict__ w, const Epilogue& e,
                                            std::int64_t n0, std::int64_t k, std::int64_t K) {
   const int lane = threadIdx.x % 32;
@@ -51,30 +55,40 @@ __device__ __forceinline__ void load_slice(SkinnyRegs& r, const __half* __restri
       r.w[j][h] = (k_ok && n < e.N) ? load_streaming(w + n * K + kk) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int rb = 0; rb < 2; ++rb) {
-      const std::int64_t m = g + 8 * rb;
-      r.x[rb][h] = (k_ok && m < e.M)
-                       ? __ldg(reinterpret_cast<const uint4*>(x + m * K + kk))
-                       : make_uint4(0, 0, 0, 0);
+    for (int b = 0; b < kMBlocks; ++b) {
+#pragma unroll
+      for (int rb = 0; rb < 2; ++rb) {
+        const std::int64_t m = 16 * b + 8 * rb + g;
+        r.x[b][rb][h] = (k_ok && m < e.M) ? __ldg(reinterpret_cast<const uint4*>(x + m * K + kk))
+                                          : make_uint4(0, 0, 0, 0);
+      }
     }
   }
 }
 
-__device__ __forceinline__ void mma_slice(float (&acc)[kNFrags][4], const SkinnyRegs& r) {
+template <int kMBlocks>
+__device__ __forceinline__ void mma_slice(float (&acc)[kMBlocks][kNFrags][4],
+                                          const SkinnyRegs<kMBlocks>& r) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    // Lane (g, t) holds halves 8t..8t+7 of the slice; the first mma step takes 8t..8t+3 as
-    // logical k {2t, 2t+1 | 2t+8, 2t+9}, the second takes 8t+4..8t+7.
-    const std::uint32_t a0[4] = {r.x[0][h].x, r.x[1][h].x, r.x[0][h].y, r.x[1][h].y};
-    const std::uint32_t a1[4] = {r.x[0][h].z, r.x[1][h].z, r.x[0][h].w, r.x[1][h].w};
 #pragma unroll
-    for (int j = 0; j < kNFrags; ++j) {
-      tiles::mma_16816(acc[j], a0, r.w[j][h].x, r.w[j][h].y);
-      tiles::mma_16816(acc[j], a1, r.w[j][h].z, r.w[j][h].w);
+    for (int b = 0; b < kMBlocks; ++b) {
+      // Lane (g, t) holds halves 8t..8t+7 of the slice; the first mma step takes 8t..8t+3 as
+      // logical k {2t, 2t+1 | 2t+8, 2t+9}, the second takes 8t+4..8t+7.
+      const uint4(&lo)[2] = r.x[b][0];
+      const uint4(&hi)[2] = r.x[b][1];
+      const std::uint32_t a0[4] = {lo[h].x, hi[h].x, lo[h].y, hi[h].y};
+      const std::uint32_t a1[4] = {lo[h].z, hi[h].z, lo[h].w, hi[h].w};
+#pragma unroll
+      for (int j = 0; j < kNFrags; ++j) {
+        tiles::mma_16816(acc[b][j], a0, r.w[j][h].x, r.w[j][h].y);
+        tiles::mma_16816(acc[b][j], a1, r.w[j][h].z, r.w[j][h].w);
+      }
     }
   }
 }
 
+template <int kMBlocks>
 __global__ void __launch_bounds__(kWarps * 32)
     gemm_skinny_kernel(const __half* __restrict__ x, const __half* __restrict__ w, Epilogue e,
                        std::int64_t K) {
@@ -82,36 +96,50 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kRowsPerCta;
 
-  float acc[kNFrags][4] = {};
-  // Warps interleave over K so that the CTA reads each W row front to back together; the
-  // next slice's loads are issued before the current slice's mma (registers double-buffer).
+  float acc[kMBlocks][kNFrags][4] = {};
+  // Warps interleave over K so that the CTA reads each W row front to back together.
   std::int64_t k = static_cast<std::int64_t>(warp) * kSliceK;
-  SkinnyRegs cur;
-  if (k < K) load_slice(cur, x, w, e, n0, k, K);
-  for (; k < K; k += kWarps * kSliceK) {
-    SkinnyRegs next;
-    const std::int64_t k_next = k + kWarps * kSliceK;
-    if (k_next < K) load_slice(next, x, w, e, n0, k_next, K);
-    mma_slice(acc, cur);
-    cur = next;
+  constexpr std::int64_t kStep = kWarps * kSliceK;
+  if constexpr (kMBlocks == 1) {
+    // Few registers per slice: the next slice's loads go out before this slice's mma.
+    SkinnyRegs<1> cur;
+    if (k < K) load_slice(cur, x, w, e, n0, k, K);
+    for (; k < K; k += kStep) {
+      SkinnyRegs<1> next;
+      if (k + kStep < K) load_slice(next, x, w, e, n0, k + kStep, K);
+      mma_slice(acc, cur);
+      cur = next;
+    }
+  } else {
+    for (; k < K; k += kStep) {
+      SkinnyRegs<kMBlocks> cur;
+      load_slice(cur, x, w, e, n0, k, K);
+      mma_slice(acc, cur);
+    }
   }
 
-#pragma unroll
-  for (int j = 0; j < kNFrags; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) partial[warp][j][lane][r] = acc[j][r];
-  __syncthreads();
-  if (threadIdx.x >= kNFrags * 32) return;
+  // Sum the warps' K-partials one 16-row block at a time (keeps shared memory at 16 KiB).
   const int j = threadIdx.x / 32;
-  float sum[4] = {};
 #pragma unroll
-  for (int v = 0; v < kWarps; ++v)
+  for (int b = 0; b < kMBlocks; ++b) {
+    if (b > 0) __syncthreads();  // the previous block's sums were read
 #pragma unroll
-    for (int r = 0; r < 4; ++r) sum[r] += partial[v][j][lane][r];
-  const std::int64_t row = lane / 4;
-  const std::int64_t col = n0 + 8 * j + (lane % 4) * 2;
-  tiles::store_pair(e, row, col, sum[0], sum[1]);
-  tiles::store_pair(e, row + 8, col, sum[2], sum[3]);
+    for (int f = 0; f < kNFrags; ++f)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) partial[warp][f][lane][r] = acc[b][f][r];
+    __syncthreads();
+    if (threadIdx.x < kNFrags * 32) {
+      float sum[4] = {};
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sum[r] += partial[v][j][lane][r];
+      const std::int64_t row = 16 * b + lane / 4;
+      const std::int64_t col = n0 + 8 * j + (lane % 4) * 2;
+      tiles::store_pair(e, row, col, sum[0], sum[1]);
+      tiles::store_pair(e, row + 8, col, sum[2], sum[3]);
+    }
+  }
 }
 
 }  // namespace
@@ -122,7 +150,14 @@ void launch_gemm_skinny(const __half* x, const __half* w, const Epilogue& e, std
                         cudaStream_t stream) {
   const std::int64_t ctas = (e.N + kRowsPerCta - 1) / kRowsPerCta;
   QG_CHECK(ctas <= 0x7fffffff, "gemm_f16: N = ", e.N, " is too large for one launch");
-  gemm_skinny_kernel<<<static_cast<unsigned>(ctas), kWarps * 32, 0, stream>>>(x, w, e, K);
+  const dim3 grid(static_cast<unsigned>(ctas));
+  if (e.M <= 16) {
+    gemm_skinny_kernel<1><<<grid, kWarps * 32, 0, stream>>>(x, w, e, K);
+  } else if (e.M <= 32) {
+    gemm_skinny_kernel<2><<<grid, kWarps * 32, 0, stream>>>(x, w, e, K);
+  } else {
+    gemm_skinny_kernel<4><<<grid, kWarps * 32, 0, stream>>>(x, w, e, K);
+  }
   QG_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,10 +1,14 @@
-// Hopper GEMM: the tiled pipeline of gemm_tiled.cu with the matrix work moved to wgmma
-// (sm_90a), which runs about twice the tensor-core rate of mma.sync on H100/H200. Each CTA
-// is two warpgroups computing a 128 x BN tile; all 256 threads stream 64-wide K slices of X
-// and W into 128-byte-swizzled shared memory with cp.async (the layout wgmma reads through
-// its descriptors), and each warpgroup keeps one wgmma batch in flight while the next slice
-// is published. Built for sm_90a only (lib/CMakeLists.txt adds that target to this file);
-// append_wgmma_tiles offers these shapes only after a probe saw the sm_90a code run.
+// Hopper GEMM (sm_90a): a warp-specialised pipeline. One producer warpgroup drives the TMA
+// copy engine, which streams 64-wide K slices of X and W into 128-byte-swizzled shared
+// memory (the layout wgmma reads through its descriptors) and signals per-slot "full"
+// mbarriers; two consumer warpgroups each run wgmma on 64 rows of the 128 x BN tile, keep one
+// batch in flight, and hand slots back through "empty" mbarriers. No CTA-wide barrier in the
+// main loop. TMA zero-fills rows and columns past M, N and K, so tails need no special code.
+// Built for sm_90a only (lib/CMakeLists.txt adds that target to this file); append_wgmma_tiles
+// offers these shapes only after a probe saw the sm_90a code run on the current device.
+#include <cuda.h>  // CUtensorMap (types only; the encoder comes through the runtime)
+#include <cudaTypedefs.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -19,87 +23,101 @@ using tiles::Epilogue;
 
 template <int kBN, int kStages>
 struct WgmmaShape {
-  static constexpr int BM = 128, BN = kBN, BK = 64, Stages = kStages, Threads = 256;
-  static constexpr int StageHalves = (BM + BN) * BK;
-  static constexpr int SmemBytes = Stages * StageHalves * 2 + 1024;  // + base alignment slack
-  static_assert(Stages >= 3, "one slot computes, one drains, the rest load");
+  static constexpr int BM = 128, BN = kBN, BK = 64, Stages = kStages;
+  static constexpr int Threads = 384;  // producer warpgroup + two consumer warpgroups
+  static constexpr int ABytes = BM * BK * 2, BBytes = BN * BK * 2;
+  static constexpr int StageBytes = ABytes + BBytes;
+  // Stages, then 2 * Stages mbarriers, plus slack to align the base to the swizzle period.
+  static constexpr int SmemBytes = Stages * StageBytes + 2 * Stages * 8 + 1024;
 };
 
 // ---- CUDA kernels ----
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void wgmma_tile(float (&acc)[64], std::uint64_t a, std::uint64_t b) {
-  wgmma::wgmma_m64n128k16(acc, a, b, 1);
-}
-__device__ __forceinline__ void wgmma_tile(float (&acc)[128], std::uint64_t a, std::uint64_t b) {
-  wgmma::wgmma_m64n256k16(acc, a, b, 1);
-}
-#endif
-
 template <class S>
 __global__ void __launch_bounds__(S::Threads, 1)
-    gemm_wgmma_kernel(const __half* __restrict__ x, const __half* __restrict__ w, Epilogue e,
-                      std::int64_t K) {
+    gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x,
+                      const __grid_constant__ CUtensorMap map_w, Epilogue e, std::int64_t K) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle repeats every 1024 bytes and wgmma assumes tiles start on it.
-  auto* smem = reinterpret_cast<__half*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) &
-                                         ~std::uintptr_t{1023});
-  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * S::BM;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * S::BN;
+  auto* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
+  auto* full = reinterpret_cast<std::uint64_t*>(smem + S::Stages * S::StageBytes);
+  std::uint64_t* empty = full + S::Stages;
+  const int m0 = static_cast<int>(blockIdx.x) * S::BM;
+  const int n0 = static_cast<int>(blockIdx.y) * S::BN;
   const int warpgroup = threadIdx.x / 128;
   const int k_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
 
-  auto load_stage = [&](int slot, int kt) {
-    __half* a = smem + slot * S::StageHalves;
-    const std::int64_t k0 = static_cast<std::int64_t>(kt) * S::BK;
-    tiles::copy_tile<S::BM, S::BK, S::Threads>(a, x, m0, e.M, k0, K);
-    tiles::copy_tile<S::BN, S::BK, S::Threads>(a + S::BM * S::BK, w, n0, e.N, k0, K);
-  };
-
-  float acc[S::BN / 2];
-#pragma unroll
-  for (int i = 0; i < S::BN / 2; ++i) acc[i] = 0.0f;
-
-  // Slices run Stages - 2 ahead: the slot a load overwrites was read by the wgmma batch two
-  // slices back, which every warpgroup has retired (wait<1>) before the barrier below.
-#pragma unroll
-  for (int s = 0; s < S::Stages - 2; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    tiles::cp_async_commit();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S::Stages; ++s) {
+      wgmma::barrier_init(&full[s], 1);   // the producer's expect_tx arrival
+      wgmma::barrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
+    }
+    wgmma::barrier_init_fence();
   }
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    tiles::cp_async_wait<S::Stages - 3>();
-    wgmma::fence_shared_for_async();
-    __syncthreads();
-    const int next = kt + S::Stages - 2;
-    if (next < k_tiles) load_stage(next % S::Stages, next);
-    tiles::cp_async_commit();
+  __syncthreads();
 
-    const __half* a = smem + (kt % S::Stages) * S::StageHalves + warpgroup * 64 * S::BK;
-    const __half* b = smem + (kt % S::Stages) * S::StageHalves + S::BM * S::BK;
+  if (warpgroup == 0) {
+    wgmma::shrink_registers<40>();
+    if (threadIdx.x == 0) {
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int slot = kt % S::Stages;
+        // Reusing a slot: wait until both consumers retired the slice that was in it.
+        if (kt >= S::Stages) wgmma::barrier_wait(&empty[slot], (kt / S::Stages - 1) & 1);
+        unsigned char* a = smem + slot * S::StageBytes;
+        wgmma::barrier_arrive_expect_bytes(&full[slot], S::StageBytes);
+        wgmma::tma_load_2d(a, &map_x, kt * S::BK, m0, &full[slot]);
+        wgmma::tma_load_2d(a + S::ABytes, &map_w, kt * S::BK, n0, &full[slot]);
+      }
+    }
+    return;
+  }
+
+  wgmma::grow_registers<232>();
+  const int consumer = warpgroup - 1;
+  // One m64n128 accumulator per 128 columns of the tile (a 256-wide tile issues two).
+  constexpr int kHalves = S::BN / 128;
+  float acc[kHalves][64];
+#pragma unroll
+  for (int h = 0; h < kHalves; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[h][i] = 0.0f;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int slot = kt % S::Stages;
+    wgmma::barrier_wait(&full[slot], (kt / S::Stages) & 1);
+    const auto* a = reinterpret_cast<const __half*>(smem + slot * S::StageBytes) +
+                    consumer * 64 * S::BK;
+    const auto* b = reinterpret_cast<const __half*>(smem + slot * S::StageBytes + S::ABytes);
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < S::BK / 16; ++kk) {
-      wgmma_tile(acc, wgmma::smem_desc(a + kk * 16), wgmma::smem_desc(b + kk * 16));
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        wgmma::wgmma_m64n128k16(acc[h], wgmma::smem_desc(a + kk * 16),
+                                wgmma::smem_desc(b + h * 128 * S::BK + kk * 16), 1);
+      }
     }
     wgmma::commit();
-    wgmma::wait<1>();
+    wgmma::wait<1>();  // the previous slice's batch is done: its slot can be refilled
+    if (kt > 0 && threadIdx.x % 128 == 0) wgmma::barrier_arrive(&empty[(kt - 1) % S::Stages]);
   }
   wgmma::wait<0>();
-  tiles::cp_async_wait<0>();
 
   // Accumulator layout: per n8 block j, the mma.sync fragment layout of this warp's 16 rows.
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x % 128) / 32;
-  const std::int64_t row = m0 + warpgroup * 64 + warp_in_group * 16 + lane / 4;
+  const std::int64_t row = m0 + consumer * 64 + warp_in_group * 16 + lane / 4;
 #pragma unroll
-  for (int j = 0; j < S::BN / 8; ++j) {
-    const std::int64_t col = n0 + j * 8 + (lane % 4) * 2;
-    tiles::store_pair(e, row, col, acc[4 * j], acc[4 * j + 1]);
-    tiles::store_pair(e, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+  for (int h = 0; h < kHalves; ++h) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const std::int64_t col = n0 + h * 128 + j * 8 + (lane % 4) * 2;
+      tiles::store_pair(e, row, col, acc[h][4 * j], acc[h][4 * j + 1]);
+      tiles::store_pair(e, row + 8, col, acc[h][4 * j + 2], acc[h][4 * j + 3]);
+    }
   }
 #else
-  (void)x, (void)w, (void)e, (void)K;
+  (void)map_x, (void)map_w, (void)e, (void)K;
   __trap();
 #endif
 }
@@ -115,11 +133,51 @@ __global__ void wgmma_probe_kernel(int* out) {
 
 // ---- kernel launchers ----
 
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const auto encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    QG_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                   cudaEnableDefault, &found));
+#else
+    QG_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found));
+#endif
+    QG_CHECK(found == cudaDriverEntryPointSuccess && fn,
+             "gemm_f16: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+/// TMA descriptor of a row-major fp16 [rows, K] matrix read in 64 x box_rows boxes with the
+/// 128-byte swizzle (K % 8 == 0 keeps the row pitch a multiple of 16 bytes, as TMA needs).
+CUtensorMap tensor_map(const __half* base, std::int64_t rows, std::int64_t K, int box_rows) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t pitch[1] = {static_cast<cuuint64_t>(K) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t step[2] = {1, 1};
+  const CUresult status = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<__half*>(base), dims, pitch, box,
+      step, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  QG_CHECK(status == CUDA_SUCCESS, "gemm_f16: cuTensorMapEncodeTiled failed (error ", status,
+           ") for a [", rows, ", ", K, "] operand");
+  return map;
+}
+
 template <class S>
 void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
                   cudaStream_t stream) {
+  QG_CHECK(e.M < (std::int64_t{1} << 31) && e.N < (std::int64_t{1} << 31) &&
+               K < (std::int64_t{1} << 31),
+           "gemm_f16: sizes beyond 2^31 exceed TMA coordinates");
   opt_in_shared_memory(reinterpret_cast<const void*>(gemm_wgmma_kernel<S>), S::SmemBytes);
-  gemm_wgmma_kernel<S><<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(x, w, e, K);
+  const CUtensorMap map_x = tensor_map(x, e.M, K, S::BM);
+  const CUtensorMap map_w = tensor_map(w, e.N, K, S::BN);
+  gemm_wgmma_kernel<S><<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(
+      map_x, map_w, e, K);
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -153,7 +211,7 @@ bool wgmma_runs_here() {
 }
 
 using Wide = WgmmaShape<256, 4>;    // 192 KiB smem, 128 fp32 accumulators per thread
-using Square = WgmmaShape<128, 5>;  // 160 KiB smem, 64 accumulators
+using Square = WgmmaShape<128, 6>;  // 192 KiB smem, 64 accumulators
 
 }  // namespace
 

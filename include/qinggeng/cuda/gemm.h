@@ -1,9 +1,9 @@
 // fp16 tensor-core GEMM of the CUDA backend: Y[M, N] = X[M, K] · W[N, K]^T with fp32
 // accumulation and a fused epilogue (bias, gelu, GLM residual), fp16 or fp32 output.
 // W is a PyTorch Linear weight ([out_features, in_features], row-major); X and Y are row-major
-// activations. Large M runs a multi-stage cp.async tile pipeline feeding wgmma on H100/H200
-// and mma.sync elsewhere; M <= 16 (decode) runs a skinny path that streams each weight once
-// for all tokens.
+// activations. Large M runs a multi-stage tile pipeline: TMA + wgmma on H100/H200, cp.async +
+// mma.sync elsewhere. M <= 16 (decode; up to 64 on narrow layers) runs a skinny path that
+// streams each weight once for all tokens.
 // Pointers are fp16 bit patterns (uint16_t) so this header does not need cuda_fp16.h.
 #pragma once
 
@@ -30,14 +30,17 @@ struct GemmEpilogue {
 
 /// \brief Which kernel family runs; Auto is what callers want (tests and benches force one).
 enum class GemmPath {
-  Auto,    ///< skinny for M <= 16, else the cheapest tile shape of the families this GPU runs
+  Auto,    ///< skinny for M <= 16 (and up to 64 when tiles would leave SMs idle), else the
+           ///< cheapest tile shape of the families this GPU runs
   Tiled,   ///< block-tiled mma.sync pipeline (any M, every supported GPU)
   Wgmma,   ///< block-tiled wgmma pipeline (any M; H100/H200 with a build that has sm_90a)
-  Skinny,  ///< weight-streaming decode kernel (M <= 16 only)
+  Skinny,  ///< weight-streaming decode kernel (M <= kGemmSkinnyMaxM)
 };
 
 /// \brief Largest M the skinny (decode) path accepts.
-inline constexpr std::int64_t kGemmSkinnyMaxM = 16;
+inline constexpr std::int64_t kGemmSkinnyMaxM = 64;
+/// \brief Auto always takes the skinny path up to this M (decode batches).
+inline constexpr std::int64_t kGemmDecodeMaxM = 16;
 
 /// \brief "skinny", "wgmma 128x256", "mma.sync 128x128", ...: the kernel and tile shape
 /// gemm_f16 runs for this size with GemmPath::Auto on the current device (for benchmarks).
