@@ -1,6 +1,7 @@
 // Random ChatGLM checkpoints in the real HF layout (config.json + model.safetensors), for
 // tests, benchmarks and as the starting point of full-parameter training of small models.
-// Scales keep activations O(1): LayerNorm weights ~1, linear weights ~ N(0, 1/fan_in).
+// Scales keep activations O(1): LayerNorm weights ~1, linear weights of variance 1/fan_in
+// (uniform values, made by a counter-based generator).
 #pragma once
 
 #include <cstdint>
