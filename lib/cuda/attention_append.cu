@@ -1,5 +1,6 @@
 // Step 1 of GLM attention (see include/qinggeng/cuda/attention.h): the metadata upload, the
 // fused 2-D rotary + KV-cache append kernel, and attention_forward, which chains the steps.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -132,6 +133,9 @@ AttentionMetadata::~AttentionMetadata() {
 
 void AttentionMetadata::reserve(std::size_t ints) {
   if (ints <= capacity_) return;
+  // Grow geometrically: block tables widen by one block every block_size decode steps, and
+  // cudaMallocHost / cudaFree cost milliseconds (cudaFree also waits for the device).
+  ints = std::max({ints, 2 * capacity_, std::size_t(1) << 14});
   if (uploaded_) QG_CUDA_CHECK(cudaEventSynchronize(uploaded_));
   if (device_) QG_CUDA_CHECK(cudaFree(device_));
   if (pinned_) QG_CUDA_CHECK(cudaFreeHost(pinned_));

@@ -1,30 +1,23 @@
-// Device primitives of the attention kernels (sm_80+): cp.async copies, the shared-memory
-// swizzle for ldmatrix, fragment loads, the m16n8k16 fp16 mma, and the rotary table shared by
-// the append kernel. Host helpers used by every attention launcher are declared at the end.
+// Device primitives of the attention kernels (sm_80+) beyond the shared ones of mma_tiles.cuh:
+// the shared-memory swizzle of their K/V tiles, the transposed fragment load, half2 packing.
+// Host helpers used by every attention launcher are declared at the end.
 #pragma once
 
 #include <cuda_fp16.h>
 
 #include <cstdint>
 
+#include "cuda/mma_tiles.cuh"
 #include "qinggeng/cuda/attention.h"
 
 namespace qg::cuda::attn {
 
-// ---- asynchronous copies ----
-
-/// 16-byte global->shared copy; with `valid` false the destination is zero-filled and nothing
-/// is read (src must still be a mapped address: callers pass the buffer base).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
+// The generic tensor-core primitives (cp.async, ldmatrix, mma) are the GEMM kernels' ones.
+using tiles::cp_async_16;
+using tiles::cp_async_commit;
+using tiles::cp_async_wait;
+using tiles::ldmatrix_x4;
+using tiles::mma_16816;
 
 // ---- shared-memory tiles ----
 
@@ -48,29 +41,12 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
 
 // ---- fragments and mma ----
 
-__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const __half* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 /// As ldmatrix_x4 with each 8x8 matrix transposed (B operands stored k-major).
 __device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const __half* smem) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
-}
-
-/// c[16x8] += a[16x16] b[16x8], fp16 inputs, fp32 accumulators (PTX fragment layouts).
-__device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a)[4],
-                                          std::uint32_t b0, std::uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ std::uint32_t pack_half2(float lo, float hi) {
