@@ -1,6 +1,6 @@
 // GPU token sampling (see include/qinggeng/cuda/sampling.h).
 //
-// One 1024-thread block per row. Order of the candidates is the CPU Sampler's: by scaled
+// One 512-thread block per row. Order of the candidates is the CPU Sampler's: by scaled
 // logit, descending, ties by lower index; it is encoded in a unique 64-bit key (order-
 // preserving logit bits above, the complemented index below), so every cut is one key.
 // Probability mass is fixed point (exp(l - max) * 2^44 as an integer): shared-memory atomics
@@ -21,13 +21,17 @@
 namespace qg::cuda {
 namespace {
 
-constexpr int kThreads = 1024;
+// 512 threads: the 128 registers each may use hold kLoads 16-byte loads in flight without
+// spilling (1024 threads would be capped at 64 registers).
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 2048;                      // histogram buckets (and radix bins)
 constexpr int kListCap = 2048;                   // tokens ranked exactly in shared memory
 constexpr float kBucketsPerLogit = 64.0f;        // first-level bucket width: 1/64 logit
 constexpr float kMassScale = 17592186044416.0f;  // 2^44
 constexpr int kRadixBits = 11;
+constexpr int kItems = kBins / kThreads;  // histogram bins per thread in a scan
+static_assert(kBins % kThreads == 0 && kWarps <= 32, "scan layout");
 
 using u64 = unsigned long long;
 
@@ -58,14 +62,36 @@ struct Region {
   }
 };
 
+/// Token counts and fixed-point masses per bin. The 64-bit mass is kept as two 32-bit words
+/// with an explicit carry: 32-bit shared atomics are native, 64-bit adds are compare-and-swap
+/// loops that crawl when a flat row sends every token to one bin.
+struct Bins {
+  unsigned int count[kBins];
+  unsigned int mass_lo[kBins];
+  unsigned int mass_hi[kBins];
+
+  __device__ void clear(int n) {
+    for (int j = threadIdx.x; j < n; j += kThreads) count[j] = mass_lo[j] = mass_hi[j] = 0;
+  }
+  __device__ void add(int j, u64 q) {
+    atomicAdd(&count[j], 1u);
+    const auto lo = static_cast<unsigned int>(q);
+    unsigned int hi = static_cast<unsigned int>(q >> 32);
+    if (lo) {
+      const unsigned int old = atomicAdd(&mass_lo[j], lo);
+      if (old + lo < old) ++hi;  // the low word wrapped
+    }
+    if (hi) atomicAdd(&mass_hi[j], hi);
+  }
+  __device__ Tally at(int j) const {
+    return {count[j], (static_cast<u64>(mass_hi[j]) << 32) + mass_lo[j]};
+  }
+};
+
 struct Shared {
-  unsigned int bucket_count[kBins];
-  u64 bucket_mass[kBins];
+  Bins buckets;
   union {
-    struct {
-      unsigned int count[kBins];
-      u64 mass[kBins];
-    } radix;
+    Bins radix;
     struct {
       u64 keys[kListCap];
       u64 mass[kListCap];
@@ -142,22 +168,44 @@ struct RowView {
     return v == 0.0f ? 0.0f : v;  // -0 ranks equal to +0, as in the CPU's comparisons
   }
 
-  /// Calls fn(i, raw) for every token this thread owns, 16-byte loads when aligned.
+  /// Calls fn(i, raw) for every token this thread owns. Each thread issues kLoads loads
+  /// before using any (16-byte ones when aligned): one block streams a whole row, and only
+  /// many bytes in flight per SM hide the memory latency.
   template <typename Fn>
   __device__ void for_each(Fn fn) const {
+    constexpr int kLoads = 8;
     if (vocab % 4 == 0 && (reinterpret_cast<std::uintptr_t>(x) & 15) == 0) {
       const float4* x4 = reinterpret_cast<const float4*>(x);
       const int n4 = vocab / 4;
-#pragma unroll 2
-      for (int v = threadIdx.x; v < n4; v += kThreads) {
-        const float4 q = x4[v];
-        fn(4 * v, q.x);
-        fn(4 * v + 1, q.y);
-        fn(4 * v + 2, q.z);
-        fn(4 * v + 3, q.w);
+      for (int base = threadIdx.x; base < n4; base += kLoads * kThreads) {
+        float4 q[kLoads];
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          if (base + u * kThreads < n4) q[u] = __ldg(x4 + base + u * kThreads);
+        }
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          const int v = base + u * kThreads;
+          if (v >= n4) break;
+          fn(4 * v, q[u].x);
+          fn(4 * v + 1, q[u].y);
+          fn(4 * v + 2, q[u].z);
+          fn(4 * v + 3, q[u].w);
+        }
       }
     } else {
-      for (int i = threadIdx.x; i < vocab; i += kThreads) fn(i, x[i]);
+      for (int base = threadIdx.x; base < vocab; base += 4 * kLoads * kThreads) {
+        float q[4 * kLoads];
+#pragma unroll
+        for (int u = 0; u < 4 * kLoads; ++u) {
+          if (base + u * kThreads < vocab) q[u] = __ldg(x + base + u * kThreads);
+        }
+#pragma unroll
+        for (int u = 0; u < 4 * kLoads; ++u) {
+          if (base + u * kThreads >= vocab) break;
+          fn(base + u * kThreads, q[u]);
+        }
+      }
     }
   }
 };
@@ -174,37 +222,44 @@ __device__ Tally block_exclusive_scan(Tally v, Shared& s) {
   if (lane == 31) s.warp_totals[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const Tally own = s.warp_totals[lane];
+    const Tally own = lane < kWarps ? s.warp_totals[lane] : Tally{0, 0};
     Tally t = own;
     for (int off = 1; off < 32; off *= 2) {
       const u64 c = __shfl_up_sync(0xffffffffu, t.count, off);
       const u64 m = __shfl_up_sync(0xffffffffu, t.mass, off);
       if (lane >= off) t = t + Tally{c, m};
     }
-    s.warp_totals[lane] = t - own;
+    if (lane < kWarps) s.warp_totals[lane] = t - own;
     if (lane == 31) s.grand_total = t;
   }
   __syncthreads();
   return s.warp_totals[warp] + (incl - v);
 }
 
-/// The first of `n` (<= 2 * kThreads) items, in order, at which base + the running total
-/// (of mass, or of count) reaches `target`; index -1 when it never does. Uniform result.
+/// The first of `n` (<= kBins) items, in order, at which base + the running total (of mass,
+/// or of count) reaches `target`; index -1 when it never does. Uniform result.
 template <typename Values>
 __device__ Crossing find_crossing(int n, Values values, bool by_mass, u64 target, Tally base,
                                   Shared& s) {
   __syncthreads();  // s.crossing / s.warp_totals may still be read from the previous call
-  const int a = 2 * threadIdx.x, b = a + 1;
-  const Tally zero{0, 0};
-  const Tally va = a < n ? values(a) : zero, vb = b < n ? values(b) : zero;
+  const int first = threadIdx.x * kItems;
+  Tally v[kItems], sum{0, 0};
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    v[k] = first + k < n ? values(first + k) : Tally{0, 0};
+    sum = sum + v[k];
+  }
   if (threadIdx.x == 0) s.crossing.index = -1;
-  const Tally excl = base + block_exclusive_scan(va + vb, s);
+  Tally run = base + block_exclusive_scan(sum, s);
   auto pick = [by_mass](Tally t) { return by_mass ? t.mass : t.count; };
-  if (pick(excl) < target && pick(excl) + pick(va) + pick(vb) >= target) {
-    if (pick(excl) + pick(va) >= target) {
-      s.crossing = Crossing{a, excl, va};
-    } else {
-      s.crossing = Crossing{b, excl + va, vb};
+  if (pick(run) < target && pick(run) + pick(sum) >= target) {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      if (pick(run) + pick(v[k]) >= target) {
+        s.crossing = Crossing{first + k, run, v[k]};
+        break;
+      }
+      run = run + v[k];
     }
   }
   __syncthreads();
@@ -221,7 +276,7 @@ struct Searcher {
   /// The first-level histogram as find_crossing's item values.
   __device__ auto buckets() const {
     const Shared* sh = &s;
-    return [sh](int j) { return Tally{sh->bucket_count[j], sh->bucket_mass[j]}; };
+    return [sh](int j) { return sh->buckets.at(j); };
   }
 
   /// Calls fn(logit, key) for every token of region `r` this thread owns.
@@ -244,26 +299,17 @@ struct Searcher {
     const u64 mask = static_cast<u64>(bins - 1);
     loaded.bucket = -1;  // the radix bins overwrite the ranked list
     __syncthreads();
-    for (int j = threadIdx.x; j < bins; j += kThreads) {
-      s.u.radix.count[j] = 0;
-      s.u.radix.mass[j] = 0;
-    }
+    s.u.radix.clear(bins);
     __syncthreads();
     Shared& sh = s;
     const float m = max_logit;
     for_each_in(r, [&](float l, u64 key) {
       const int j = static_cast<int>(mask - ((key >> next) & mask));
-      atomicAdd(&sh.u.radix.count[j], 1u);
-      const u64 q = mass_of(m, l);
-      if (q) atomicAdd(&sh.u.radix.mass[j], q);
+      sh.u.radix.add(j, mass_of(m, l));
     });
     __syncthreads();
     const Crossing c = find_crossing(
-        bins,
-        [&](int j) {
-          return Tally{sh.u.radix.count[j], sh.u.radix.mass[j]};
-        },
-        by_mass, target, above, s);
+        bins, [&](int j) { return sh.u.radix.at(j); }, by_mass, target, above, s);
     if (c.index < 0) return false;
     r.prefix = (r.shift >= 64 ? 0 : r.prefix << (top - next)) | (mask - static_cast<u64>(c.index));
     r.shift = next;
@@ -340,7 +386,7 @@ struct Searcher {
 
 // ---- CUDA kernel ----
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     sample_kernel(const float* logits, int vocab, const SamplingRow* rows, int* history,
                   int seen_words, int* out) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -413,17 +459,11 @@ __global__ void __launch_bounds__(kThreads)
   int token = best_index < vocab ? best_index : 0;
   if (p.do_sample) {
     // Pass 2: the first-level histogram.
-    for (int j = threadIdx.x; j < kBins; j += kThreads) {
-      s.bucket_count[j] = 0;
-      s.bucket_mass[j] = 0;
-    }
+    s.buckets.clear(kBins);
     __syncthreads();
     row.for_each([&](int i, float raw) {
       const float l = row.logit(i, raw);
-      const int b = bucket_of(best, l);
-      atomicAdd(&s.bucket_count[b], 1u);
-      const u64 q = mass_of(best, l);
-      if (q) atomicAdd(&s.bucket_mass[b], q);
+      s.buckets.add(bucket_of(best, l), mass_of(best, l));
     });
     __syncthreads();
     Searcher search{row, best, s};

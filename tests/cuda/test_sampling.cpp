@@ -72,16 +72,24 @@ std::vector<int> gpu_pick(const Rows& rows, const std::vector<SamplingConfig>& c
                                 steps, nullptr);
 }
 
-/// `count` draws from one row: one call per draw with steps 0..count-1, the row uploaded once.
+/// `count` draws from one row with steps 0..count-1: one batch of copies of a small row, or
+/// one call per draw on a large row uploaded once.
 std::vector<int> gpu_draws(const std::vector<float>& row, const SamplingConfig& config,
                            const std::vector<int>& history, int count) {
+  const auto n = static_cast<std::size_t>(count);
+  std::vector<std::uint64_t> steps(n);
+  for (std::size_t i = 0; i < n; ++i) steps[i] = i;
+  if (row.size() * n <= (std::size_t{1} << 22)) {
+    return gpu_pick(Rows(n, row), std::vector<SamplingConfig>(n, config), Histories(n, history),
+                    steps);
+  }
   DeviceBuffer<float> d(row.size());
   d.upload(row);
-  DeviceBuffer<int> out(static_cast<std::size_t>(count));
+  DeviceBuffer<int> out(n);
   qg::cuda::GpuSampler sampler(1, 1);
-  for (int i = 0; i < count; ++i) {
+  for (std::size_t i = 0; i < n; ++i) {
     sampler.sample(d.get(), 1, static_cast<int>(row.size()), {config}, Histories{history},
-                   {static_cast<std::uint64_t>(i)}, out.get() + i, nullptr);
+                   {steps[i]}, out.get() + i, nullptr);
   }
   return out.download();
 }
@@ -279,7 +287,7 @@ TEST_CASE("GPU draws on a full vocabulary, flat rows and exact ties", "[sampling
     const std::vector<float> row = random_logits(vocab, 5, 2.5f);
     const std::vector<int> history = random_history(vocab, 6, 100);
     const SamplingConfig c = sampling(0.95f, 0.7f, 0, 1.1f);
-    check_draws(gpu_draws(row, c, history, 2048), kept_distribution(row, c, history), false);
+    check_draws(gpu_draws(row, c, history, 512), kept_distribution(row, c, history), false);
   }
   SECTION("a flat row cut by top_p (radix narrowing by mass, ties by lower index)") {
     const std::vector<float> row(static_cast<std::size_t>(vocab), 0.25f);
@@ -287,7 +295,7 @@ TEST_CASE("GPU draws on a full vocabulary, flat rows and exact ties", "[sampling
     const std::vector<double> p = kept_distribution(row, c, {});
     const auto kept =
         static_cast<int>(std::count_if(p.begin(), p.end(), [](double x) { return x > 0; }));
-    const std::vector<int> draws = gpu_draws(row, c, {}, 2048);
+    const std::vector<int> draws = gpu_draws(row, c, {}, 256);
     check_draws(draws, p, false);
     CHECK(*std::max_element(draws.begin(), draws.end()) > kept * 9 / 10);
     CHECK(*std::min_element(draws.begin(), draws.end()) < kept / 10);
@@ -295,14 +303,14 @@ TEST_CASE("GPU draws on a full vocabulary, flat rows and exact ties", "[sampling
   SECTION("a flat row cut by top_k (radix narrowing by count)") {
     const std::vector<float> row(static_cast<std::size_t>(vocab), -3.0f);
     const SamplingConfig c = sampling(0.5f, 1.0f, 5000);
-    const std::vector<int> draws = gpu_draws(row, c, {}, 2048);
+    const std::vector<int> draws = gpu_draws(row, c, {}, 256);
     check_draws(draws, kept_distribution(row, c, {}), false);
     CHECK(*std::max_element(draws.begin(), draws.end()) > 4500);
   }
   SECTION("fp16-like quantised logits at vocab 150528 with top_k and top_p") {
     const std::vector<float> row = random_logits(150528, 8, 2.0f, 1.0f / 64);
     const SamplingConfig c = sampling(0.9f, 0.8f, 50);
-    check_draws(gpu_draws(row, c, {}, 1024), kept_distribution(row, c, {}), false);
+    check_draws(gpu_draws(row, c, {}, 256), kept_distribution(row, c, {}), false);
   }
 }
 

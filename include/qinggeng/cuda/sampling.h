@@ -35,7 +35,7 @@ struct SamplingRow {
 
 /// \brief Picks one token per row of `logits` on `stream` (no host synchronisation).
 ///
-/// One 1024-thread block per row. The row is read once for the maximum (greedy stops there);
+/// One 512-thread block per row. The row is read once for the maximum (greedy stops there);
 /// sampling rows read it once more for a 2048-bucket histogram of counts and fixed-point
 /// probability mass over the distance to the maximum, then locate the top-k cut, the top-p cut
 /// and the drawn token in that histogram: the bucket each one falls in (refined by radix
