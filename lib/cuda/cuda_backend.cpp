@@ -20,6 +20,7 @@
 #include "qinggeng/cuda/gemm.h"
 #include "qinggeng/cuda/kv_pool.h"
 #include "qinggeng/cuda/layer_norm.h"
+#include "qinggeng/cuda/sampling.h"
 #include "qinggeng/error.h"
 
 namespace qg::model {
@@ -66,6 +67,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     profiler_.reset();
+    sampler_.reset();
     pool_.reset();
     cudaStreamDestroy(stream_);
   }
@@ -262,6 +264,26 @@ class CudaBackend final : public Backend {
     profiler_->collect();
   }
 
+  bool samples_on_device() const override { return true; }
+
+  std::vector<int> sample_tokens(const Tensor& logits,
+                                 const std::vector<engine::SamplingConfig>& configs,
+                                 const std::vector<const std::vector<int>*>& histories,
+                                 const std::vector<std::uint64_t>& steps) override {
+    QG_CHECK(logits.device() == Device::Cuda && logits.dtype() == DType::F32,
+             "cuda backend: sample_tokens needs float32 device logits");
+    const auto timing = profiler_->scope("sampling");
+    if (!sampler_) sampler_ = std::make_unique<cuda::GpuSampler>(1, 1);
+    std::vector<std::vector<int>> seen;
+    seen.reserve(histories.size());
+    for (const auto* h : histories) seen.push_back(h ? *h : std::vector<int>());
+    auto ids = sampler_->sample_to_host(static_cast<const float*>(logits.data()),
+                                        static_cast<int>(logits.rows()), static_cast<int>(logits.cols()),
+                                        configs, seen, steps, stream_);
+    profiler_->collect();
+    return ids;
+  }
+
   std::string memory_report() const override {
     std::size_t free_bytes = 0, total = 0;
     cudaMemGetInfo(&free_bytes, &total);
@@ -342,6 +364,7 @@ class CudaBackend final : public Backend {
   cuda::AttentionBatch attention_batch_;
   std::shared_ptr<void> workspace_;
   std::unique_ptr<cuda::OpProfiler> profiler_;
+  std::unique_ptr<cuda::GpuSampler> sampler_;
 };
 
 }  // namespace

@@ -82,15 +82,12 @@ bool BatchGenerator::step() {
   for (const auto& seq : active_) {
     batch.push_back(layout_chunk(seq->layout, *seq->cache, seq->pending, false));
   }
-  const auto logits = model_.forward(batch);
-  const std::size_t V = static_cast<std::size_t>(model_.config().vocab_size);
+  const std::vector<int> next_tokens = pick_tokens(batch);
   const int eos = model_.config().eos_token_id;
 
   for (std::size_t i = 0; i < active_.size(); ++i) {
     Sequence& seq = *active_[i];
-    std::vector<float> row(logits.begin() + static_cast<std::ptrdiff_t>(i * V),
-                           logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
-    const int next = seq.sampler->sample(row, seq.history);
+    const int next = next_tokens[i];
     if (next == eos) {
       finish(seq, FinishReason::Eos);
       continue;
@@ -107,6 +104,34 @@ bool BatchGenerator::step() {
   active_.erase(std::remove_if(active_.begin(), active_.end(), [](const auto& s) { return s->done; }),
                 active_.end());
   return true;
+}
+
+std::vector<int> BatchGenerator::pick_tokens(const std::vector<model::SequenceChunk>& batch) {
+  model::Backend& backend = model_.backend();
+  if (backend.samples_on_device()) {
+    // Only the ids leave the device; each sequence's random stream is positioned by how many
+    // tokens it has generated, so a sequence draws the same tokens in any batch.
+    std::vector<SamplingConfig> configs;
+    std::vector<const std::vector<int>*> histories;
+    std::vector<std::uint64_t> steps;
+    static const std::vector<int> kNoHistory;
+    for (const auto& seq : active_) {
+      const auto& sampling = seq->request.config.sampling;
+      configs.push_back(sampling);
+      histories.push_back(sampling.repetition_penalty != 1.0f ? &seq->history : &kNoHistory);
+      steps.push_back(seq->result.tokens.size());
+    }
+    return backend.sample_tokens(model_.forward_logits(batch), configs, histories, steps);
+  }
+  const auto logits = model_.forward(batch);
+  const std::size_t V = static_cast<std::size_t>(model_.config().vocab_size);
+  std::vector<int> picked;
+  for (std::size_t i = 0; i < active_.size(); ++i) {
+    std::vector<float> row(logits.begin() + static_cast<std::ptrdiff_t>(i * V),
+                           logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
+    picked.push_back(active_[i]->sampler->sample(row, active_[i]->history));
+  }
+  return picked;
 }
 
 std::vector<FinishedRequest> BatchGenerator::take_finished() {

@@ -91,6 +91,13 @@ std::unique_ptr<KvCache> GlmModel::new_kv_cache(int capacity) const {
 }
 
 std::vector<float> GlmModel::forward(const std::vector<SequenceChunk>& batch) const {
+  const Tensor logits = forward_logits(batch);
+  std::vector<float> out(static_cast<std::size_t>(logits.numel()));
+  backend_->to_host(logits, out.data());
+  return out;
+}
+
+Tensor GlmModel::forward_logits(const std::vector<SequenceChunk>& batch) const {
   QG_CHECK(!batch.empty(), "GlmModel::forward: empty batch");
   std::vector<int> ids;
   std::vector<std::int64_t> logit_rows;  // rows of the activations that produce logits
@@ -146,9 +153,7 @@ std::vector<float> GlmModel::forward(const std::vector<SequenceChunk>& batch) co
   Tensor normed = be.activation(R, H), logits = be.logits_buffer(R, config_.vocab_size);
   be.layer_norm(selected, final_ln_w_, final_ln_b_, eps, normed);
   be.linear(normed, lm_head_, Tensor(), logits);
-  std::vector<float> out(static_cast<std::size_t>(R * config_.vocab_size));
-  be.to_host(logits, out.data());
-  return out;
+  return logits;
 }
 
 }  // namespace qg::model

@@ -3,8 +3,9 @@
 // step() admits waiting requests while the batch has room, runs ONE forward over the whole
 // batch (the prompts of newly admitted requests plus one token for every decoding sequence),
 // samples each sequence's next token, and retires finished sequences, freeing their caches
-// for the next arrivals. Each sequence samples with its own seeded Sampler, so its tokens are
-// the same as generating it alone.
+// for the next arrivals. Each sequence samples with its own seeded random stream, so its
+// tokens are the same as generating it alone. Backends that sample on the device (CUDA) keep
+// the logits there and return only token ids.
 #pragma once
 
 #include <cstddef>
@@ -57,6 +58,9 @@ class BatchGenerator {
  private:
   struct Sequence;
   void finish(Sequence& seq, FinishReason reason);
+  /// The next token of every active sequence: sampled on the device when the backend can,
+  /// else from host logits with each sequence's Sampler.
+  std::vector<int> pick_tokens(const std::vector<model::SequenceChunk>& batch);
 
   const model::GlmModel& model_;
   BatchOptions options_;

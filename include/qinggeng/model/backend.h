@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "qinggeng/engine/sampler.h"
+#include "qinggeng/error.h"
 #include "qinggeng/io/weight_store.h"
 #include "qinggeng/tensor/tensor.h"
 
@@ -117,6 +119,19 @@ class Backend {
   virtual void prepare_kv_cache(int num_layers, const AttentionShape& shape) {
     (void)num_layers;
     (void)shape;
+  }
+  /// \brief True when sample_tokens runs on the device (then only token ids leave it).
+  virtual bool samples_on_device() const { return false; }
+  /// \brief Picks one token per row of `logits` [rows, vocab] (a logits_buffer tensor) with
+  /// each row's settings; `histories[r]` lists the tokens the repetition penalty sees (may be
+  /// empty when that row's penalty is 1) and `steps[r]` positions the row's random stream.
+  /// Only backends whose samples_on_device() is true implement it.
+  virtual std::vector<int> sample_tokens(const Tensor& logits,
+                                         const std::vector<engine::SamplingConfig>& configs,
+                                         const std::vector<const std::vector<int>*>& histories,
+                                         const std::vector<std::uint64_t>& steps) {
+    (void)logits, (void)configs, (void)histories, (void)steps;
+    throw Error(name() + " backend: sampling on the device is not available");
   }
   /// \brief One line on device memory (weights, KV cache, workspace), empty on the CPU.
   virtual std::string memory_report() const { return {}; }

@@ -53,6 +53,9 @@ class GlmModel {
   /// \throws qg::Error if a token id is outside the vocabulary, a chunk is empty, its
   /// position vectors disagree in length with its tokens, or a cache would overflow.
   std::vector<float> forward(const std::vector<SequenceChunk>& batch) const;
+  /// \brief forward() leaving the float32 logits [rows, vocab_size] on the backend (for
+  /// sampling on the device).
+  Tensor forward_logits(const std::vector<SequenceChunk>& batch) const;
 
   /// \brief Bytes of weights held by the backend.
   std::size_t weight_bytes() const { return weight_bytes_; }
