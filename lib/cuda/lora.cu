@@ -30,8 +30,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kShrinkRows = 16;     // one m16 tile of rows per shrink block
 constexpr int kExpandRows = 64;     // four m16 tiles per expand block
 constexpr int kExpandCols = 128;    // 32 columns (four n8 tiles) per warp
-constexpr int kMaxSplits = 8;       // K-splits of the shrink: partial sums in the workspace
-constexpr int kTargetBlocks = 256;  // enough shrink blocks to fill ~2 waves on 132 SMs
+constexpr int kMaxSplits = 32;      // K-splits of the shrink: partial sums in the workspace
+constexpr int kTargetBlocks = 264;  // enough shrink blocks to fill two waves on 132 SMs
 
 /// The adapter row t uses here, or -1 (past the end, no adapter, unknown or empty slot).
 __device__ __forceinline__ int row_adapter(const std::int32_t* ids, std::int64_t t,
@@ -120,11 +120,15 @@ __global__ void __launch_bounds__(kThreads)
 
 /// Expand: y[t, cols] += scale_a * u[t, :] · B_a[cols, :]^T for a 64-row x 128-column tile,
 /// u being the sum of the shrink's K-split partials, rounded to fp16 once in shared memory.
+/// Each lane loads its y values once up front (all loads in flight together, rather than one
+/// dependent load-add-store at a time), every adapter pass updates its own rows in registers,
+/// and the tile is stored once at the end.
 template <int R16>
 __global__ void __launch_bounds__(kThreads)
     lora_expand_kernel(LoraLayerView v, const std::int32_t* ids, std::int64_t tokens,
                        const float* __restrict__ partial, int splits, __half* y) {
   constexpr int RP = R16 * 16, kStride = RP + 8;  // +8 halves: conflict-free fragment reads
+  constexpr int kTiles = kExpandRows / 16;
   __shared__ int ids_s[kExpandRows];
   __shared__ __half u_s[kExpandRows][kStride];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -132,10 +136,27 @@ __global__ void __launch_bounds__(kThreads)
   const std::int64_t n_warp = static_cast<std::int64_t>(blockIdx.x) * kExpandCols + warp * 32;
   if (threadIdx.x < kExpandRows) ids_s[threadIdx.x] = row_adapter(ids, m0 + threadIdx.x, tokens, v);
   __syncthreads();
+
+  // y[m0 + mt * 16 + g + 8 * half, n_warp + j * 8 + 2c .. +1] as fp16x2, rows with an adapter.
+  __half2 yv[kTiles][4][2];
+#pragma unroll
+  for (int mt = 0; mt < kTiles; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = mt * 16 + g + 8 * half;
+        const std::int64_t col = n_warp + j * 8 + 2 * c;
+        yv[mt][j][half] = ids_s[row] >= 0 && col < v.out
+                              ? *reinterpret_cast<const __half2*>(y + (m0 + row) * v.out + col)
+                              : __half2{};
+      }
+
   for (int e = threadIdx.x; e < kExpandRows * RP; e += kThreads) {
     const int row = e / RP, col = e % RP;
     float sum = 0;
     if (ids_s[row] >= 0) {
+#pragma unroll 4
       for (int s = 0; s < splits; ++s)
         sum += partial[(static_cast<std::int64_t>(s) * tokens + m0 + row) * RP + col];
     }
@@ -160,10 +181,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int mt = 0; mt < kExpandRows / 16; ++mt) {
+    for (int mt = 0; mt < kTiles; ++mt) {
       const int r0 = mt * 16 + g;
-      const bool live0 = ids_s[r0] == a, live1 = ids_s[r0 + 8] == a;
-      if (!__any_sync(0xffffffffu, live0 || live1)) continue;
+      const bool live[2] = {ids_s[r0] == a, ids_s[r0 + 8] == a};
+      if (!__any_sync(0xffffffffu, live[0] || live[1])) continue;
       float acc[4][4] = {};
 #pragma unroll
       for (int s = 0; s < R16; ++s) {
@@ -176,20 +197,28 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < 4; ++j) tiles::mma_16816(acc[j], frag, bf[j][s][0], bf[j][s][1]);
       }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const std::int64_t col = n_warp + j * 8 + 2 * c;
-        if (col >= v.out) continue;
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          if (!(half ? live1 : live0)) continue;
-          __half2* out = reinterpret_cast<__half2*>(y + (m0 + r0 + half * 8) * v.out + col);
-          const float2 old = __half22float2(*out);
-          *out = __floats2half2_rn(old.x + scale * acc[j][2 * half],
-                                   old.y + scale * acc[j][2 * half + 1]);
+          if (!live[half]) continue;
+          const float2 old = __half22float2(yv[mt][j][half]);
+          yv[mt][j][half] = __floats2half2_rn(old.x + scale * acc[j][2 * half],
+                                              old.y + scale * acc[j][2 * half + 1]);
         }
-      }
     }
   }
+
+#pragma unroll
+  for (int mt = 0; mt < kTiles; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = mt * 16 + g + 8 * half;
+        const std::int64_t col = n_warp + j * 8 + 2 * c;
+        if (ids_s[row] >= 0 && col < v.out)
+          *reinterpret_cast<__half2*>(y + (m0 + row) * v.out + col) = yv[mt][j][half];
+      }
 }
 
 // ---------------------------------------------------------------------------------------------
