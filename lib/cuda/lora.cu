@@ -139,17 +139,22 @@ __global__ void __launch_bounds__(kThreads)
 
   // y[m0 + mt * 16 + g + 8 * half, n_warp + j * 8 + 2c .. +1] as fp16x2, rows with an adapter.
   __half2 yv[kTiles][4][2];
+  // The pair of y this lane owns in (m-tile mt, n-tile j, row half), or null when the row has
+  // no adapter or the columns are past the end.
+  auto y_pair = [&](int mt, int j, int half) -> __half2* {
+    const int row = mt * 16 + g + 8 * half;
+    const std::int64_t col = n_warp + j * 8 + 2 * c;
+    if (ids_s[row] < 0 || col >= v.out) return nullptr;
+    return reinterpret_cast<__half2*>(y + (m0 + row) * v.out + col);
+  };
 #pragma unroll
   for (int mt = 0; mt < kTiles; ++mt)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int row = mt * 16 + g + 8 * half;
-        const std::int64_t col = n_warp + j * 8 + 2 * c;
-        yv[mt][j][half] = ids_s[row] >= 0 && col < v.out
-                              ? *reinterpret_cast<const __half2*>(y + (m0 + row) * v.out + col)
-                              : __half2{};
+        const __half2* p = y_pair(mt, j, half);
+        yv[mt][j][half] = p ? *p : __half2{};
       }
 
   for (int e = threadIdx.x; e < kExpandRows * RP; e += kThreads) {
@@ -214,10 +219,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int row = mt * 16 + g + 8 * half;
-        const std::int64_t col = n_warp + j * 8 + 2 * c;
-        if (ids_s[row] >= 0 && col < v.out)
-          *reinterpret_cast<__half2*>(y + (m0 + row) * v.out + col) = yv[mt][j][half];
+        if (__half2* p = y_pair(mt, j, half)) *p = yv[mt][j][half];
       }
 }
 

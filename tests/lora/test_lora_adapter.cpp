@@ -10,8 +10,8 @@
 
 #include "catch.hpp"
 #include "io/error_message.h"
-#include "io/scratch_dir.h"
 #include "io/torch_zip_builder.h"
+#include "model_fixtures.h"
 #include "qinggeng/io/safetensors.h"
 #include "qinggeng/io/weight_store.h"
 #include "qinggeng/lora/lora_add.h"
@@ -52,16 +52,8 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return worst;
 }
 
-/// A tiny ChatGLM shape: hidden 16, ffn 48, 2 layers.
-qg::io::ModelConfig tiny_model() {
-  qg::io::ModelConfig m;
-  m.hidden_size = 16;
-  m.inner_hidden_size = 48;
-  m.num_layers = 2;
-  m.num_attention_heads = 2;
-  m.vocab_size = 32;
-  return m;
-}
+/// The model tests' tiny shape: hidden 64, ffn 256, 2 layers (qkv out 192).
+qg::io::ModelConfig tiny_model() { return qg::test::tiny_config(); }
 
 std::string peft_key(int layer, const std::string& module, char which) {
   return "base_model.model.transformer.layers." + std::to_string(layer) + "." + module + ".lora_" +
@@ -97,9 +89,9 @@ struct PeftFixture {
   explicit PeftFixture(const std::string& name) : dir(qg::test::scratch_dir(name)) {
     std::uint32_t seed = 7;
     for (int layer = 0; layer < 2; ++layer) {
-      for (auto [module, out] : {std::pair<std::string, std::int64_t>{"attention.query_key_value", 48},
-                                 {"attention.dense", 16}}) {
-        add(peft_key(layer, module, 'A'), {4, 16}, seed++);
+      for (auto [module, out] : {std::pair<std::string, std::int64_t>{"attention.query_key_value", 192},
+                                 {"attention.dense", 64}}) {
+        add(peft_key(layer, module, 'A'), {4, 64}, seed++);
         add(peft_key(layer, module, 'B'), {out, 4}, seed++);
       }
     }
@@ -203,15 +195,15 @@ TEST_CASE("LoraAdapter loads adapter_model.bin and honours layers_to_transform a
   write_text(dir / "adapter_config.json",
              config_json(2, R"(, "layers_to_transform": [1], "use_rslora": true)",
                          R"(["mlp.dense_4h_to_h"])"));
-  const auto a = random_values(2 * 48, 3), b = random_values(16 * 2, 4);
+  const auto a = random_values(2 * 256, 3), b = random_values(64 * 2, 4);
   auto bytes = [](const std::vector<float>& v) {
     return std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4);
   };
   const std::string module = "mlp.dense_4h_to_h";
-  qg::test::write_bytes(
+  write_text(
       dir / "adapter_model.bin",
-      qg::test::torch_archive({{peft_key(1, module, 'A'), "FloatStorage", "0", bytes(a), 96, 0, {2, 48}, {48, 1}},
-                               {peft_key(1, module, 'B'), "FloatStorage", "1", bytes(b), 32, 0, {16, 2}, {2, 1}}}));
+      qg::test::torch_archive({{peft_key(1, module, 'A'), "FloatStorage", "0", bytes(a), 512, 0, {2, 256}, {256, 1}},
+                               {peft_key(1, module, 'B'), "FloatStorage", "1", bytes(b), 128, 0, {64, 2}, {2, 1}}}));
   const LoraAdapter adapter = LoraAdapter::load(dir, tiny_model());
   CHECK(adapter.scale() == Approx(16.0 / std::sqrt(2.0)));
   CHECK_FALSE(adapter.has(0, LoraTarget::Dense4HToH));
@@ -237,13 +229,13 @@ TEST_CASE("LoraAdapter::load names the file and key of what is wrong") {
   }
   SECTION("rank differs from the config") {
     PeftFixture f("lora-rank");
-    f.add(qkv_a0, {8, 16}, 99);
+    f.add(qkv_a0, {8, 64}, 99);
     f.write();
     qg::test::check_mentions(f.load_error(), {qkv_a0, "rank 8", "r = 4"});
   }
   SECTION("a tensor the config does not target") {
     PeftFixture f("lora-extra");
-    f.add(peft_key(0, "mlp.dense_h_to_4h", 'A'), {4, 16}, 99);
+    f.add(peft_key(0, "mlp.dense_h_to_4h", 'A'), {4, 64}, 99);
     f.write();
     qg::test::check_mentions(f.load_error(), {"unexpected tensor", "mlp.dense_h_to_4h"});
   }
@@ -291,16 +283,16 @@ TEST_CASE("merge_lora writes base + scale B A; the merged model equals the runti
   std::vector<std::vector<std::uint16_t>> f16;
   std::vector<qg::io::TensorToWrite> tensors;
   for (int layer = 0; layer < 2; ++layer) {
-    f32.push_back(random_values(48 * 16, 100 + layer));
+    f32.push_back(random_values(192 * 64, 100 + layer));
     tensors.push_back({qg::lora::base_weight_name(layer, LoraTarget::QueryKeyValue),
-                       qg::DType::F32, {48, 16}, f32.back().data()});
+                       qg::DType::F32, {192, 64}, f32.back().data()});
     f16.emplace_back();
-    for (float v : random_values(16 * 16, 200 + layer)) f16.back().push_back(qg::float_to_half(v));
+    for (float v : random_values(64 * 64, 200 + layer)) f16.back().push_back(qg::float_to_half(v));
     tensors.push_back({qg::lora::base_weight_name(layer, LoraTarget::Dense), qg::DType::F16,
-                       {16, 16}, f16.back().data()});
+                       {64, 64}, f16.back().data()});
   }
-  f32.push_back(random_values(16, 300));
-  tensors.push_back({"transformer.final_layernorm.weight", qg::DType::F32, {16}, f32.back().data()});
+  f32.push_back(random_values(64, 300));
+  tensors.push_back({"transformer.final_layernorm.weight", qg::DType::F32, {64}, f32.back().data()});
   qg::io::write_safetensors(base_dir / "model.safetensors", tensors);
   write_text(base_dir / "config.json", model.to_json());
   const auto base = qg::io::WeightStore::open(base_dir);
@@ -312,22 +304,22 @@ TEST_CASE("merge_lora writes base + scale B A; the merged model equals the runti
     CHECK(std::filesystem::exists(out_dir / "config.json"));
     const auto merged = qg::io::WeightStore::open(out_dir);
     CHECK(merged.names() == base.names());
-    CHECK(merged.read_f32("transformer.final_layernorm.weight", {16}) == f32.back());
+    CHECK(merged.read_f32("transformer.final_layernorm.weight", {64}) == f32.back());
     CHECK(merged.get(qg::lora::base_weight_name(1, LoraTarget::Dense)).dtype == qg::DType::F16);
 
     // x W_merged^T == x W^T + lora_add, for every adapted weight.
     const std::int64_t T = 5;
-    const auto x = random_values(static_cast<std::size_t>(T * 16), 5);
+    const auto x = random_values(static_cast<std::size_t>(T * 64), 5);
     const std::vector<std::int32_t> all_rows(T, 0);
     for (int layer = 0; layer < 2; ++layer) {
-      for (auto [target, out] : {std::pair{LoraTarget::QueryKeyValue, std::int64_t{48}},
-                                 std::pair{LoraTarget::Dense, std::int64_t{16}}}) {
+      for (auto [target, out] : {std::pair{LoraTarget::QueryKeyValue, std::int64_t{192}},
+                                 std::pair{LoraTarget::Dense, std::int64_t{64}}}) {
         const std::string name = qg::lora::base_weight_name(layer, target);
-        const auto w = base.read_f32(name, {out, 16});
-        std::vector<float> runtime = matmul_t(x, w, T, 16, out);
-        qg::lora::lora_add(x.data(), T, 16, runtime.data(), out, {adapter.factors(layer, target)},
+        const auto w = base.read_f32(name, {out, 64});
+        std::vector<float> runtime = matmul_t(x, w, T, 64, out);
+        qg::lora::lora_add(x.data(), T, 64, runtime.data(), out, {adapter.factors(layer, target)},
                            all_rows.data());
-        const auto from_merged = matmul_t(x, merged.read_f32(name, {out, 16}), T, 16, out);
+        const auto from_merged = matmul_t(x, merged.read_f32(name, {out, 64}), T, 64, out);
         INFO(name);
         // F16 storage of the merged dense weight rounds each entry (|w| <= ~8) by <= 2^-8.
         CHECK(max_abs_diff(from_merged, runtime) < (target == LoraTarget::Dense ? 0.2 : 1e-3));
@@ -343,9 +335,9 @@ TEST_CASE("merge_lora writes base + scale B A; the merged model equals the runti
     CHECK(files.back().filename() == "model.safetensors.index.json");
     const auto merged = qg::io::WeightStore::open(out_dir);
     std::vector<float> expected = f32[0];
-    qg::lora::merge_factors(expected.data(), 48, 16,
+    qg::lora::merge_factors(expected.data(), 192, 64,
                             adapter.factors(0, LoraTarget::QueryKeyValue));
-    CHECK(merged.read_f32(qg::lora::base_weight_name(0, LoraTarget::QueryKeyValue), {48, 16}) ==
+    CHECK(merged.read_f32(qg::lora::base_weight_name(0, LoraTarget::QueryKeyValue), {192, 64}) ==
           expected);
   }
   SECTION("a base without the targeted weight") {
