@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
     auto& gen = chat.generation;
     auto& s = gen.sampling;
     std::vector<std::string> prompts;
-    std::string style = "round0";
+    std::string style = "round0", lora_dir;
     bool greedy = false;
     app.add_option("--prompt,-p", prompts, "non-interactive: answer these questions in order (one conversation) and exit");
     app.add_option("--max-length", gen.max_length, "prompt + reply tokens at most")->capture_default_str();
@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
     app.add_option("--repetition-penalty", s.repetition_penalty, "penalty on repeated tokens (1 = off)")->capture_default_str();
     app.add_option("--seed", s.seed, "random seed")->capture_default_str();
     app.add_flag("--greedy", greedy, "greedy decoding instead of sampling");
+    app.add_option("--lora", lora_dir, "apply this PEFT LoRA adapter directory at run time (no merge)");
     app.add_option("--template", style, "history template: round0 (first release) or round1")->capture_default_str();
     QG_PARSE_ARGS(app, argc, argv);
     s.do_sample = !greedy;
@@ -76,7 +77,12 @@ int main(int argc, char** argv) {
                    "Point it at ChatGLM-6B with: qg-chat --model /path/to/chatglm-6b\n",
                    model_opts.model_dir.c_str());
     }
-    const auto model = model_opts.load();
+    auto model = model_opts.load();
+    if (!lora_dir.empty()) {
+      model.load_adapter(0, lora_dir);
+      chat.generation.adapter = 0;
+      std::fprintf(stderr, "LoRA adapter %s applied at run time\n", lora_dir.c_str());
+    }
     const auto tokenizer = qg::text::ChatGlmTokenizer::load(model_opts.model_dir);
     qg::engine::ChatSession session(model, tokenizer, chat);
     std::signal(SIGINT, on_sigint);

@@ -8,6 +8,7 @@
 
 #include "cpu/thread_pool.h"
 #include "qinggeng/error.h"
+#include "qinggeng/lora/lora_add.h"
 #include "qinggeng/model/backend.h"
 
 namespace qg::model {
@@ -243,6 +244,36 @@ class CpuBackend final : public Backend {
              qkv.rows());
   }
 
+  void load_adapter(int id, const lora::LoraAdapter& adapter) override {
+    QG_CHECK(id >= 0, "LoRA adapter id must be non-negative, got ", id);
+    if (adapters_.size() <= static_cast<std::size_t>(id)) adapters_.resize(static_cast<std::size_t>(id) + 1);
+    adapters_[static_cast<std::size_t>(id)] = std::make_unique<lora::LoraAdapter>(adapter);
+  }
+
+  void begin_forward(const std::vector<SequenceChunk>& batch) override {
+    row_adapter_.clear();
+    for (const auto& chunk : batch) {
+      QG_CHECK(chunk.adapter < 0 || (static_cast<std::size_t>(chunk.adapter) < adapters_.size() &&
+                                     adapters_[static_cast<std::size_t>(chunk.adapter)]),
+               "LoRA adapter ", chunk.adapter, " is not loaded");
+      row_adapter_.insert(row_adapter_.end(), chunk.tokens.size(), chunk.adapter);
+    }
+  }
+
+  void lora_add(const Tensor& x, Tensor& y, int layer, lora::LoraTarget target) override {
+    std::vector<lora::LoraFactors> factors(adapters_.size());
+    std::vector<std::int32_t> rows(row_adapter_.size(), -1);
+    for (std::size_t r = 0; r < rows.size(); ++r) {
+      const int id = row_adapter_[r];
+      if (id < 0 || !adapters_[static_cast<std::size_t>(id)]->has(layer, target)) continue;
+      rows[r] = id;
+      if (factors[static_cast<std::size_t>(id)].a == nullptr) {
+        factors[static_cast<std::size_t>(id)] = adapters_[static_cast<std::size_t>(id)]->factors(layer, target);
+      }
+    }
+    lora::lora_add(x.as<float>(), x.rows(), x.cols(), y.as<float>(), y.cols(), factors, rows.data());
+  }
+
   void gather_rows(const Tensor& x, const std::vector<std::int64_t>& rows, Tensor& out) override {
     check_shape(out, static_cast<std::int64_t>(rows.size()), x.cols(), "gather_rows output");
     for (std::size_t r = 0; r < rows.size(); ++r) {
@@ -259,6 +290,8 @@ class CpuBackend final : public Backend {
  private:
   cpu::ThreadPool pool_;
   std::vector<float> inv_freq_;
+  std::vector<std::unique_ptr<lora::LoraAdapter>> adapters_;  // by id
+  std::vector<int> row_adapter_;                              // of the current forward
 };
 
 }  // namespace

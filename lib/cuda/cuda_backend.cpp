@@ -20,6 +20,7 @@
 #include "qinggeng/cuda/gemm.h"
 #include "qinggeng/cuda/kv_pool.h"
 #include "qinggeng/cuda/layer_norm.h"
+#include "qinggeng/cuda/lora.h"
 #include "qinggeng/cuda/sampling.h"
 #include "qinggeng/error.h"
 
@@ -68,6 +69,7 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(stream_);
     profiler_.reset();
     sampler_.reset();
+    for (auto& stack : lora_stacks_) stack.reset();
     pool_.reset();
     cudaStreamDestroy(stream_);
   }
@@ -201,8 +203,55 @@ class CudaBackend final : public Backend {
     cuda::scaled_add(h(a), alpha, h(b), a.numel(), h(out), stream_);
   }
 
+  void load_adapter(int id, const lora::LoraAdapter& adapter) override {
+    QG_CHECK(id >= 0 && id < options_.max_adapters, "LoRA adapter id ", id, " outside [0, ",
+             options_.max_adapters, ")");
+    QG_CHECK(adapter.rank() <= 64, "LoRA rank ", adapter.rank(), " exceeds 64, the largest the ",
+             "CUDA kernels take");
+    for (lora::LoraTarget t : {lora::LoraTarget::QueryKeyValue, lora::LoraTarget::Dense,
+                               lora::LoraTarget::DenseHTo4H, lora::LoraTarget::Dense4HToH}) {
+      auto& stack = lora_stacks_[static_cast<int>(t)];
+      bool used = false;
+      for (int l = 0; l < adapter.num_layers() && !used; ++l) used = adapter.has(l, t);
+      if (!used) {
+        if (stack && stack->loaded(id)) stack->unload(id);
+        continue;
+      }
+      if (!stack) {
+        stack = std::make_unique<cuda::GpuLoraStack>(t, adapter_model_config(adapter),
+                                                     options_.max_adapters, 64);
+      }
+      stack->load(id, adapter);
+    }
+    if (static_cast<int>(adapter_loaded_.size()) <= id) adapter_loaded_.resize(static_cast<std::size_t>(id) + 1);
+    adapter_loaded_[static_cast<std::size_t>(id)] = true;
+  }
+
+  void lora_add(const Tensor& x, Tensor& y, int layer, lora::LoraTarget target) override {
+    const auto& stack = lora_stacks_[static_cast<int>(target)];
+    if (!stack || !row_adapters_) return;
+    const auto timing = profiler_->scope("lora_add");
+    const auto view = stack->layer(layer);
+    const std::size_t bytes = cuda::lora_add_workspace_bytes(view, x.rows());
+    auto workspace = alloc_->allocate(bytes, "LoRA workspace");
+    cuda::lora_add_f16(view, u16(x), static_cast<std::uint16_t*>(y.data()), x.rows(),
+                       static_cast<const std::int32_t*>(row_adapters_.get()), workspace.get(),
+                       bytes, stream_);
+  }
+
   void begin_forward(const std::vector<SequenceChunk>& batch) override {
     const auto timing = profiler_->scope("begin_forward (metadata upload)");
+    std::vector<std::int32_t> row_ids;
+    bool any_adapter = false;
+    for (const auto& chunk : batch) {
+      QG_CHECK(chunk.adapter < 0 || (static_cast<std::size_t>(chunk.adapter) < adapter_loaded_.size() &&
+                                     adapter_loaded_[static_cast<std::size_t>(chunk.adapter)]),
+               "LoRA adapter ", chunk.adapter, " is not loaded");
+      any_adapter |= chunk.adapter >= 0;
+      row_ids.insert(row_ids.end(), chunk.tokens.size(), chunk.adapter);
+    }
+    row_adapters_.reset();
+    if (any_adapter) row_adapters_ = upload_ints(row_ids.data(), row_ids.size());
     std::vector<cuda::AttentionSequence> seqs;
     seqs.reserve(batch.size());
     for (const auto& chunk : batch) {
@@ -314,6 +363,15 @@ class CudaBackend final : public Backend {
     return d;
   }
 
+  // The model shape a GpuLoraStack needs, from the adapter's own feature sizes.
+  static io::ModelConfig adapter_model_config(const lora::LoraAdapter& adapter) {
+    io::ModelConfig c;
+    c.num_layers = adapter.num_layers();
+    c.hidden_size = adapter.features(lora::LoraTarget::Dense).first;
+    c.inner_hidden_size = adapter.features(lora::LoraTarget::DenseHTo4H).second;
+    return c;
+  }
+
   static bool aliases(const Tensor& a, const Tensor& b) {
     const char* pa = static_cast<const char*>(a.data());
     const char* pb = static_cast<const char*>(b.data());
@@ -365,6 +423,9 @@ class CudaBackend final : public Backend {
   std::shared_ptr<void> workspace_;
   std::unique_ptr<cuda::OpProfiler> profiler_;
   std::unique_ptr<cuda::GpuSampler> sampler_;
+  std::unique_ptr<cuda::GpuLoraStack> lora_stacks_[4];  // by lora::LoraTarget
+  std::vector<bool> adapter_loaded_;                    // by adapter id
+  std::shared_ptr<void> row_adapters_;                  // int32 [tokens] of this forward, or null
 };
 
 }  // namespace

@@ -14,6 +14,7 @@ struct CudaBackendOptions {
   int kv_block_size = 16;          ///< tokens per KV block
   std::size_t kv_cache_bytes = 0;  ///< 0: free memory less a reserve, up to max_kv_blocks
   int max_kv_blocks = 64 * 2048 / 16;  ///< default cap: 64 sequences of 2048 tokens
+  int max_adapters = 8;            ///< runtime LoRA adapter ids [0, max_adapters)
 };
 
 std::unique_ptr<Backend> make_cuda_backend(int device, const CudaBackendOptions& options = {});

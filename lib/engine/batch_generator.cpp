@@ -81,6 +81,7 @@ bool BatchGenerator::step() {
   batch.reserve(active_.size());
   for (const auto& seq : active_) {
     batch.push_back(layout_chunk(seq->layout, *seq->cache, seq->pending, false));
+    batch.back().adapter = seq->request.config.adapter;
   }
   const std::vector<int> next_tokens = pick_tokens(batch);
   const int eos = model_.config().eos_token_id;

@@ -1,6 +1,7 @@
 // The ChatGLM v1 forward pass over a Backend (see include/qinggeng/model/glm_model.h).
 #include "qinggeng/model/glm_model.h"
 
+#include <algorithm>
 #include <string>
 
 #include "qinggeng/error.h"
@@ -81,6 +82,26 @@ GlmModel GlmModel::from_source(const io::ModelConfig& config, const WeightSource
   return m;
 }
 
+void GlmModel::load_adapter(int id, const std::filesystem::path& adapter_dir) {
+  add_adapter(id, lora::LoraAdapter::load(adapter_dir, config_));
+}
+
+void GlmModel::add_adapter(int id, const lora::LoraAdapter& adapter) {
+  QG_CHECK(id >= 0, "LoRA adapter id must be non-negative, got ", id);
+  QG_CHECK(adapter.num_layers() == config_.num_layers, "LoRA adapter has ", adapter.num_layers(),
+           " layers, the model ", config_.num_layers);
+  backend_->load_adapter(id, adapter);
+  if (adapters_.size() <= static_cast<std::size_t>(id)) adapters_.resize(static_cast<std::size_t>(id) + 1);
+  adapters_[static_cast<std::size_t>(id)] = std::make_unique<lora::LoraAdapter>(adapter);
+}
+
+bool GlmModel::adapted(int layer, lora::LoraTarget target) const {
+  for (const auto& a : adapters_) {
+    if (a && a->has(layer, target)) return true;
+  }
+  return false;
+}
+
 std::unique_ptr<KvCache> GlmModel::new_kv_cache(int capacity) const {
   const int max_len = static_cast<int>(config_.max_sequence_length);
   QG_CHECK(capacity >= 0, "KV cache capacity must be non-negative, got ", capacity);
@@ -131,15 +152,29 @@ Tensor GlmModel::forward_logits(const std::vector<SequenceChunk>& batch) const {
   Tensor qkv = be.activation(T, 3 * H), mlp = be.activation(T, I);
   be.begin_forward(batch);
   be.embedding(embeddings_, ids, x);
+  const bool any_adapter = std::any_of(batch.begin(), batch.end(),
+                                       [](const SequenceChunk& c) { return c.adapter >= 0; });
+  using lora::LoraTarget;
+  auto lora = [&](int layer, LoraTarget target) { return any_adapter && adapted(layer, target); };
   for (std::size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
+    const int i = static_cast<int>(li);
     be.layer_norm(x, l.ln1_w, l.ln1_b, eps, a);
     be.linear(a, l.qkv_w, l.qkv_b, qkv);
-    be.attention(qkv, batch, static_cast<int>(li), shape, attn);
+    if (lora(i, LoraTarget::QueryKeyValue)) be.lora_add(a, qkv, i, LoraTarget::QueryKeyValue);
+    be.attention(qkv, batch, i, shape, attn);
     be.linear_residual(attn, l.dense_w, l.dense_b, a, alpha, x);  // h = a * alpha + o
+    if (lora(i, LoraTarget::Dense)) be.lora_add(attn, x, i, LoraTarget::Dense);  // additive
     be.layer_norm(x, l.ln2_w, l.ln2_b, eps, a);                    // m
-    be.linear_gelu(a, l.fc1_w, l.fc1_b, mlp);
-    be.linear_residual(mlp, l.fc2_w, l.fc2_b, a, alpha, x);        // x' = m * alpha + y
+    if (lora(i, LoraTarget::DenseHTo4H)) {  // the adapter acts before the gelu
+      be.linear(a, l.fc1_w, l.fc1_b, mlp);
+      be.lora_add(a, mlp, i, LoraTarget::DenseHTo4H);
+      be.gelu(mlp);
+    } else {
+      be.linear_gelu(a, l.fc1_w, l.fc1_b, mlp);
+    }
+    be.linear_residual(mlp, l.fc2_w, l.fc2_b, a, alpha, x);  // x' = m * alpha + y
+    if (lora(i, LoraTarget::Dense4HToH)) be.lora_add(mlp, x, i, LoraTarget::Dense4HToH);
   }
   for (const auto& chunk : batch) chunk.cache->advance(static_cast<int>(chunk.tokens.size()));
 

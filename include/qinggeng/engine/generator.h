@@ -18,6 +18,7 @@ struct GenerationConfig {
   int max_length = 2048;     ///< prompt + generated tokens, at most (also capped by the model)
   int max_new_tokens = 0;    ///< generated tokens at most; 0 = only max_length applies
   SamplingConfig sampling;   ///< greedy or sampled decoding
+  int adapter = -1;          ///< runtime LoRA adapter id (GlmModel::load_adapter), -1 none
 };
 
 /// \brief Why generation stopped.

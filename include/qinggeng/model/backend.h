@@ -11,6 +11,7 @@
 #include "qinggeng/engine/sampler.h"
 #include "qinggeng/error.h"
 #include "qinggeng/io/weight_store.h"
+#include "qinggeng/lora/lora_adapter.h"
 #include "qinggeng/tensor/tensor.h"
 
 namespace qg::model {
@@ -45,6 +46,7 @@ struct SequenceChunk {
   std::vector<int> block_positions;  ///< second 2-D position id per new token
   int context_length = 0;            ///< GLM ctx: keys < ctx are visible to every query
   bool all_logits = false;           ///< logits for every new token, else only the last
+  int adapter = -1;                  ///< LoRA adapter id applied to this sequence, -1 none
 };
 
 /// \brief Geometry the attention op needs (from ModelConfig).
@@ -94,6 +96,12 @@ class Backend {
     linear(x, weight, bias, product);
     scaled_add(residual, alpha, product, out);
   }
+  /// \brief Makes `adapter` available as runtime LoRA adapter `id` (replacing any adapter of
+  /// that id); sequences select it with SequenceChunk::adapter.
+  virtual void load_adapter(int id, const lora::LoraAdapter& adapter) = 0;
+  /// \brief y += scale * (x A^T) B^T for every row whose sequence's adapter adapts `target`
+  /// of `layer` (the adapter of each row is known from begin_forward's batch).
+  virtual void lora_add(const Tensor& x, Tensor& y, int layer, lora::LoraTarget target) = 0;
   /// \brief Called by the model before the layers of each forward with that call's batch
   /// (caches grow here; a backend may prepare per-call state shared by every layer).
   virtual void begin_forward(const std::vector<SequenceChunk>& batch) { (void)batch; }

@@ -57,6 +57,14 @@ class GlmModel {
   /// sampling on the device).
   Tensor forward_logits(const std::vector<SequenceChunk>& batch) const;
 
+  /// \brief Loads a PEFT LoRA adapter directory as runtime adapter `id`: sequences whose
+  /// SequenceChunk::adapter is `id` get y += scale * (x A^T) B^T on the adapted modules, with
+  /// no change to the base weights (other sequences in the same batch are unaffected).
+  /// \throws qg::Error naming the file for a bad adapter or one made for another model shape.
+  void load_adapter(int id, const std::filesystem::path& adapter_dir);
+  /// \brief Registers an in-memory adapter as runtime adapter `id`.
+  void add_adapter(int id, const lora::LoraAdapter& adapter);
+
   /// \brief Bytes of weights held by the backend.
   std::size_t weight_bytes() const { return weight_bytes_; }
 
@@ -67,8 +75,11 @@ class GlmModel {
   };
   GlmModel() = default;
 
+  bool adapted(int layer, lora::LoraTarget target) const;
+
   io::ModelConfig config_;
   std::shared_ptr<Backend> backend_;
+  std::vector<std::unique_ptr<lora::LoraAdapter>> adapters_;  // by id, for which modules adapt
   Tensor embeddings_;
   std::vector<Layer> layers_;
   Tensor final_ln_w_, final_ln_b_;
