@@ -4,6 +4,7 @@
 // qg_bench prints after all benchmarks ran.
 #pragma once
 
+#include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -55,6 +56,16 @@ void table_row(const std::string& table, const std::vector<std::string>& header,
 
 /// \brief printf-style "%.*f" of `value` as a table cell.
 std::string cell(double value, int decimals);
+
+/// \brief Registers a kernel benchmark the way every family times them: manual (event) time
+/// in microseconds over `batches` iterations.
+template <typename Fn, typename... Args>
+void register_kernel_benchmark(const std::string& name, int batches, Fn fn, Args... args) {
+  benchmark::RegisterBenchmark(name.c_str(), fn, args...)
+      ->UseManualTime()
+      ->Iterations(batches)
+      ->Unit(benchmark::kMicrosecond);
+}
 
 /// \brief Markdown text of every table collected so far.
 std::string markdown_tables();

@@ -131,10 +131,7 @@ const bool registered = [] {
   for (const LinearShape& shape : kShapes) {
     for (std::int64_t M : kTokens) {
       const std::string name = std::string("gemm/") + shape.name + "/M=" + std::to_string(M);
-      benchmark::RegisterBenchmark(name.c_str(), bench_linear, shape, M)
-          ->UseManualTime()
-          ->Iterations(kBatches)
-          ->Unit(benchmark::kMicrosecond);
+      register_kernel_benchmark(name, kBatches, bench_linear, shape, M);
     }
   }
   return true;

@@ -104,10 +104,7 @@ const bool registered = [] {
   for (std::int64_t T : {1, 16, 512, 2048}) {
     for (int adapters : {1, 4}) {
       const std::string name = "lora/qkv_r8/T=" + std::to_string(T) + "/adapters=" + std::to_string(adapters);
-      benchmark::RegisterBenchmark(name.c_str(), bench_lora, T, adapters)
-          ->UseManualTime()
-          ->Iterations(kBatches)
-          ->Unit(benchmark::kMicrosecond);
+      register_kernel_benchmark(name, kBatches, bench_lora, T, adapters);
     }
   }
   return true;
