@@ -285,13 +285,19 @@ std::size_t SelfInstructGenerator::run(Cancellation& cancel) {
                     s.rng);
         std::shuffle(examples.begin(), examples.end(), s.rng);
       }
+      // The request stays counted as in flight until its tasks are in per_category, so no
+      // other worker sees its category as empty in between.
+      struct InFlight {
+        State& s;
+        const std::string& category;
+        ~InFlight() {
+          std::lock_guard<std::mutex> lock(s.mutex);
+          --s.in_flight[category];
+        }
+      } in_flight{s, category};
       ChatRequest request;
       request.messages = {{"user", build_prompt(examples, category)}};
       std::optional<ChatResult> got = budget.complete(client_, request);
-      {
-        std::lock_guard<std::mutex> lock(s.mutex);
-        --s.in_flight[category];
-      }
       if (!got) continue;
       const ChatResult& reply = *got;
       for (SeedTask& t : parse_task_blocks(reply.content, reply.finish_reason == "length")) {
