@@ -36,22 +36,26 @@ LabeledSequence answer_example(const io::ModelConfig& c) {
   return e;
 }
 
-// Mean NLL of the labelled tokens from the inference model's logits.
-double inference_loss(const model::GlmModel& model, const LabeledSequence& e) {
-  const auto logits = engine::score_logits(model, e.input_ids);
-  const std::size_t V = static_cast<std::size_t>(model.config().vocab_size);
+// Mean NLL of the labelled tokens of `e` from logits [tokens, vocab] of every position.
+double mean_nll(const std::vector<float>& logits, std::size_t vocab, const LabeledSequence& e) {
   double nll = 0;
   int count = 0;
   for (std::size_t t = 1; t < e.input_ids.size(); ++t) {
     if (e.labels[t] == train::kIgnoreLabel) continue;
-    const float* row = logits.data() + (t - 1) * V;
-    const double mx = *std::max_element(row, row + V);
+    const float* row = logits.data() + (t - 1) * vocab;
+    const double mx = *std::max_element(row, row + vocab);
     double sum = 0;
-    for (std::size_t v = 0; v < V; ++v) sum += std::exp(row[v] - mx);
+    for (std::size_t v = 0; v < vocab; ++v) sum += std::exp(row[v] - mx);
     nll += mx + std::log(sum) - row[e.labels[t]];
     ++count;
   }
   return nll / count;
+}
+
+// The same from the inference model (no adapter).
+double inference_loss(const model::GlmModel& model, const LabeledSequence& e) {
+  return mean_nll(engine::score_logits(model, e.input_ids),
+                  static_cast<std::size_t>(model.config().vocab_size), e);
 }
 
 // A few coordinates of a tensor: those of largest gradient (where FD is most telling) and some
@@ -127,15 +131,8 @@ TEST_CASE("ModelGrad's loss is the mean NLL of the inference model's logits", "[
   }();
   GradOptions eval;
   eval.lora_dropout = false;
-  double nll = 0;
-  const std::size_t V = static_cast<std::size_t>(config.vocab_size);
-  for (std::size_t t = 6; t < e.input_ids.size(); ++t) {
-    const float* row = logits_model.data() + (t - 1) * V;
-    double sum = 0;
-    for (std::size_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]));
-    nll += std::log(sum) - row[e.input_ids[t]];
-  }
-  CHECK(lora.loss(e, eval) == Approx(nll / 4).epsilon(1e-5));
+  const double nll = mean_nll(logits_model, static_cast<std::size_t>(config.vocab_size), e);
+  CHECK(lora.loss(e, eval) == Approx(nll).epsilon(1e-5));
   CHECK(lora.loss(e, eval) != Approx(lg.loss).epsilon(1e-4));  // the adapter matters
 }
 
