@@ -10,6 +10,7 @@
 #include "qinggeng/error.h"
 #include "qinggeng/lora/lora_add.h"
 #include "qinggeng/model/backend.h"
+#include "qinggeng/model/rotary.h"
 
 namespace qg::model {
 namespace {
@@ -62,17 +63,6 @@ class CpuKvCache final : public KvCache {
   std::size_t row_;
   std::vector<std::vector<float>> keys_, values_;
 };
-
-/// inv_freq[j] = 10000^(-2j/rot), rounded through fp16 exactly as the released model's
-/// half-precision buffer holds it (the released code builds it with .half()).
-std::vector<float> rotary_inv_freq(int rot_dim) {
-  std::vector<float> f(static_cast<std::size_t>(rot_dim / 2));
-  for (int j = 0; j < rot_dim / 2; ++j) {
-    const float exact = static_cast<float>(1.0 / std::pow(10000.0, 2.0 * j / rot_dim));
-    f[static_cast<std::size_t>(j)] = half_to_float(float_to_half(exact));
-  }
-  return f;
-}
 
 // Rotates one half (rot_dim values) of a head by `pos`, rotate_half style.
 void rotate(float* x, int rot_dim, int pos, const std::vector<float>& inv_freq) {
@@ -185,7 +175,7 @@ class CpuBackend final : public Backend {
     const std::int64_t H = static_cast<std::int64_t>(nh) * hd;
     check_shape(qkv, qkv.rows(), 3 * H, "attention qkv");
     check_shape(out, qkv.rows(), H, "attention output");
-    if (inv_freq_.size() != static_cast<std::size_t>(half / 2)) inv_freq_ = rotary_inv_freq(half);
+    if (inv_freq_.size() != static_cast<std::size_t>(half / 2)) inv_freq_ = glm_rotary_inv_freq(half);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
     std::int64_t row0 = 0;

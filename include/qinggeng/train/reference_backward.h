@@ -11,6 +11,8 @@
 //  - sizes are checked and bad input throws qg::Error naming the op and the argument.
 #pragma once
 
+#include "qinggeng/model/rotary.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -61,9 +63,8 @@ void scaled_residual_backward(const float* dout, float alpha, std::int64_t n, fl
 
 // ---- 2-D rotary ---------------------------------------------------------------------------
 
-/// \brief inv_freq[j] = 10000^(-2j / rot_dim) for j < rot_dim / 2, rounded through fp16 as the
-/// released model's half-precision buffer holds it (the CPU inference backend's table).
-std::vector<float> glm_rotary_inv_freq(int rot_dim);
+/// \brief The rotary frequency table (model/rotary.h).
+using model::glm_rotary_inv_freq;
 
 /// \brief Rotates q or k [tokens, heads * head_dim] in place, rotate_half style: the first
 /// half of each head by positions[t], the second half by block_positions[t] (spec section 1).
