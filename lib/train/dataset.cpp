@@ -2,7 +2,6 @@
 #include "qinggeng/train/dataset.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <sstream>

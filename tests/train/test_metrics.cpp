@@ -3,7 +3,6 @@
 // fields here, independently of the writer's encoder.
 #include <simdjson.h>
 
-#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
