@@ -1,7 +1,9 @@
 // Implementation of the internal JSON helpers (see json.h).
 #include "io/json.h"
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -137,6 +139,16 @@ std::string quote(std::string_view s) {
   }
   out.push_back('"');
   return out;
+}
+
+std::string number(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[40];
+  for (int precision = 15; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  return buf;
 }
 
 }  // namespace qg::json

@@ -55,4 +55,8 @@ std::optional<std::string> optional_string(simdjson::dom::object o, std::string_
 /// `"..."`: the JSON string literal for UTF-8 text `s` (quotes included).
 std::string quote(std::string_view s);
 
+/// A decimal that reads back as exactly `v`, with as few of 15, 16 or 17 significant digits as
+/// that takes ("16", "0.1", "1e-05"); "null" for inf / NaN, which JSON cannot hold.
+std::string number(double v);
+
 }  // namespace qg::json
