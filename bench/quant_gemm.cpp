@@ -27,7 +27,9 @@ constexpr int kTimedBatches = 15;
 constexpr int kLaunchesPerBatch = 10;
 constexpr double kRotateBytes = 3.0 * 50e6;  // three times H100's L2
 
-int copies_for(double bytes) { return bytes >= kRotateBytes ? 1 : static_cast<int>(kRotateBytes / bytes) + 1; }
+int copies_for(double bytes) {
+  return bytes >= kRotateBytes ? 1 : static_cast<int>(kRotateBytes / bytes) + 1;
+}
 
 /// fp16 and quantized copies of one layer's weight, kept while benchmarks use that layer.
 struct QuantWorkspace {

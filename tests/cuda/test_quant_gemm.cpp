@@ -267,8 +267,10 @@ TEST_CASE("quant_gemm decode: a batch of tokens equals each token alone, bit for
     DeviceInputs batch(x, b, r, K);
     const HostMatrix all = batch.run(qw.view, Kind::BiasResidual, 0.5f, true);
     for (std::int64_t m : {0, 7, 8, 15}) {
-      HostMatrix row{1, K, std::vector<float>(x.data.begin() + m * K, x.data.begin() + (m + 1) * K)};
-      HostMatrix res{1, N, std::vector<float>(r.data.begin() + m * N, r.data.begin() + (m + 1) * N)};
+      HostMatrix row{1, K,
+                     std::vector<float>(x.data.begin() + m * K, x.data.begin() + (m + 1) * K)};
+      HostMatrix res{1, N,
+                     std::vector<float>(r.data.begin() + m * N, r.data.begin() + (m + 1) * N)};
       DeviceInputs one(row, b, res, K);
       const HostMatrix alone = one.run(qw.view, Kind::BiasResidual, 0.5f, true);
       std::size_t diff = 0;

@@ -35,7 +35,8 @@ std::vector<float> random_weight(std::int64_t N, std::int64_t K, std::uint32_t s
 /// Checks the documented bounds of every element and block; returns the elements checked.
 std::size_t check_round_trip(const std::vector<float>& w, const qg::tensor::QuantizedMatrix& q) {
   const int qmax = qg::tensor::quant_max(q.scheme);
-  const std::int64_t block = q.scheme == QuantScheme::Int8PerChannel ? q.K : qg::tensor::kQuantGroup;
+  const std::int64_t block =
+      q.scheme == QuantScheme::Int8PerChannel ? q.K : qg::tensor::kQuantGroup;
   const std::vector<float> dq = qg::tensor::dequantize(q);
   std::size_t checked = 0;
   for (std::int64_t n = 0; n < q.N; ++n) {
