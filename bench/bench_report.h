@@ -31,6 +31,20 @@ class RandomHalfBuffer {
   std::size_t elements_ = 0;
 };
 
+/// \brief A Linear layer: Y[M, N] = X[M, K] · W[N, K]^T.
+struct LinearShape {
+  const char* name;
+  std::int64_t N, K;
+};
+
+/// \brief ChatGLM-6B's linear layers (hidden 4096, ffn 16384, vocab 130528), the shapes every
+/// GEMM benchmark runs.
+inline constexpr LinearShape kChatGlmLinears[] = {{"qkv", 12288, 4096},
+                                                  {"dense", 4096, 4096},
+                                                  {"h_to_4h", 16384, 4096},
+                                                  {"4h_to_h", 4096, 16384},
+                                                  {"lm_head", 130528, 4096}};
+
 /// \brief Throws qg::Error when a CUDA runtime call failed (benchmarks must not time errors).
 void check_cuda(cudaError_t status, const char* what);
 

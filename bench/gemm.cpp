@@ -18,17 +18,6 @@
 namespace qg::bench {
 namespace {
 
-struct LinearShape {
-  const char* name;
-  std::int64_t N, K;
-};
-
-// ChatGLM-6B: hidden 4096, ffn 16384, vocab 130528.
-constexpr LinearShape kShapes[] = {{"qkv", 12288, 4096},
-                                   {"dense", 4096, 4096},
-                                   {"h_to_4h", 16384, 4096},
-                                   {"4h_to_h", 4096, 16384},
-                                   {"lm_head", 130528, 4096}};
 constexpr std::int64_t kTokens[] = {1, 4, 16, 64, 512, 1024, 2048};
 constexpr std::int64_t kMaxTokens = 2048;
 constexpr int kBatches = 15;  // timed batches per benchmark (median taken over these)
@@ -128,7 +117,7 @@ void bench_peaks(benchmark::State& state) {
 
 const bool registered = [] {
   benchmark::RegisterBenchmark("peaks/copy_and_cublas", bench_peaks)->Iterations(1);
-  for (const LinearShape& shape : kShapes) {
+  for (const LinearShape& shape : kChatGlmLinears) {
     for (std::int64_t M : kTokens) {
       const std::string name = std::string("gemm/") + shape.name + "/M=" + std::to_string(M);
       register_kernel_benchmark(name, kBatches, bench_linear, shape, M);

@@ -85,6 +85,26 @@ dim3 tile_grid(const tiles::Epilogue& e, int bm, int bn) {
   return dim3(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
 }
 
+tiles::Epilogue device_epilogue(const GemmEpilogue& epilogue, void* y, bool y_fp32,
+                                std::int64_t M, std::int64_t N, const char* op) {
+  QG_CHECK(aligned(y, y_fp32 ? 8 : 4), op, ": y must be ", y_fp32 ? 8 : 4, "-byte aligned");
+  const bool has_bias = epilogue.kind != GemmEpilogue::Kind::None;
+  QG_CHECK(!has_bias || epilogue.bias, op, ": this epilogue needs a bias pointer");
+  const bool has_residual = epilogue.kind == GemmEpilogue::Kind::BiasResidual;
+  QG_CHECK(!has_residual || (epilogue.residual && aligned(epilogue.residual, 4)), op,
+           ": the residual epilogue needs a 4-byte aligned residual pointer");
+  tiles::Epilogue e;
+  e.kind = static_cast<int>(epilogue.kind);
+  e.bias = has_bias ? reinterpret_cast<const __half*>(epilogue.bias) : nullptr;
+  e.residual = has_residual ? reinterpret_cast<const __half*>(epilogue.residual) : nullptr;
+  e.alpha = epilogue.alpha;
+  e.y = y;
+  e.y_fp32 = y_fp32;
+  e.M = M;
+  e.N = N;
+  return e;
+}
+
 std::string gemm_plan(std::int64_t M, std::int64_t N) {
   const std::vector<TileChoice> choices = tile_choices(GemmPath::Auto);
   const TileChoice& c = cheapest(choices, M, N);
@@ -108,22 +128,7 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
   if (M == 0) return;
   QG_CHECK(x && w && y, "gemm_f16: x, w and y must be device pointers (got a null pointer)");
   QG_CHECK(aligned(x, 16) && aligned(w, 16), "gemm_f16: x and w must be 16-byte aligned");
-  QG_CHECK(aligned(y, y_fp32 ? 8 : 4), "gemm_f16: y must be ", y_fp32 ? 8 : 4, "-byte aligned");
-  const bool has_bias = epilogue.kind != GemmEpilogue::Kind::None;
-  QG_CHECK(!has_bias || epilogue.bias, "gemm_f16: this epilogue needs a bias pointer");
-  const bool has_residual = epilogue.kind == GemmEpilogue::Kind::BiasResidual;
-  QG_CHECK(!has_residual || (epilogue.residual && aligned(epilogue.residual, 4)),
-           "gemm_f16: the residual epilogue needs a 4-byte aligned residual pointer");
-
-  tiles::Epilogue e;
-  e.kind = static_cast<int>(epilogue.kind);
-  e.bias = has_bias ? reinterpret_cast<const __half*>(epilogue.bias) : nullptr;
-  e.residual = has_residual ? reinterpret_cast<const __half*>(epilogue.residual) : nullptr;
-  e.alpha = epilogue.alpha;
-  e.y = y;
-  e.y_fp32 = y_fp32;
-  e.M = M;
-  e.N = N;
+  const tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16");
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* wh = reinterpret_cast<const __half*>(w);
   if (path == GemmPath::Skinny || (path == GemmPath::Auto && M <= kGemmDecodeMaxM)) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cuda/mma_tiles.cuh"
+#include "qinggeng/cuda/gemm.h"
 
 namespace qg::cuda {
 
@@ -33,6 +34,11 @@ void append_wgmma_tiles(std::vector<TileChoice>& out);
 /// rows of x.
 void launch_gemm_skinny(const __half* x, const __half* w, const tiles::Epilogue& e,
                         std::int64_t K, cudaStream_t stream);
+
+/// \brief Checks the output pointer and `epilogue` of an [M, N] product (bias and residual
+/// present and aligned) and returns the device form; `op` names the caller in errors.
+tiles::Epilogue device_epilogue(const GemmEpilogue& epilogue, void* y, bool y_fp32,
+                                std::int64_t M, std::int64_t N, const char* op);
 
 /// \brief Streaming multiprocessors of the current device (cached per device).
 int multiprocessor_count();
