@@ -19,6 +19,7 @@ namespace qg::apps {
 struct ModelOptions {
   std::string model_dir;
   std::string device = "auto";
+  std::string quant = "f16";
   int threads = 0;
 
   void add_to(CLI::App& app, bool model_required) {
@@ -26,12 +27,14 @@ struct ModelOptions {
     if (model_required) opt->required();
     app.add_option("--device", device, "cpu, cuda, cuda:N or auto")->capture_default_str();
     app.add_option("--threads", threads, "CPU threads (0 = all cores)")->capture_default_str();
+    app.add_option("--quant", quant, "weights on the GPU: f16, int8 (per channel) or int4 (groups of 128)")
+        ->capture_default_str();
   }
 
   /// Loads the model and prints where it runs (and the GPU memory plan) on stderr.
   model::GlmModel load() const {
     QG_CHECK(std::filesystem::exists(model_dir), model_dir, ": model directory not found");
-    auto model = model::GlmModel::load(model_dir, model::make_backend(device, threads));
+    auto model = model::GlmModel::load(model_dir, model::make_backend(device, threads, quant));
     const std::string plan = model.backend().memory_report();
     if (!plan.empty()) std::fprintf(stderr, "memory plan: %s\n", plan.c_str());
     return model;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <vector>
 
 #include "cuda/check.h"
@@ -21,6 +22,7 @@
 #include "qinggeng/cuda/kv_pool.h"
 #include "qinggeng/cuda/layer_norm.h"
 #include "qinggeng/cuda/lora.h"
+#include "qinggeng/cuda/quant_gemm.h"
 #include "qinggeng/cuda/sampling.h"
 #include "qinggeng/error.h"
 
@@ -101,6 +103,7 @@ class CudaBackend final : public Backend {
         QG_CUDA_CHECK(cudaStreamSynchronize(stream_));  // f16 is reused by the next slice
       }
     }
+    if (options_.quantize && is_layer_linear(w.name)) return quantize(t, w.name);
     weight_bytes_ += n * 2;
     return t;
   }
@@ -115,13 +118,17 @@ class CudaBackend final : public Backend {
   void plan_weights(std::size_t elements) override {
     std::size_t free_bytes = 0, total = 0;
     QG_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
-    const std::size_t need = elements * 2;
-    QG_CHECK(need < free_bytes, "the model's fp16 weights need ", gib(need), " GiB but only ",
+    // Quantized layers take about 1 (int8) or 0.55 (int4) bytes per weight instead of 2.
+    const double per_weight = !options_.quantize ? 2.0
+                              : options_.quant_scheme == tensor::QuantScheme::Int8PerChannel ? 1.05 : 0.55;
+    const std::size_t need = static_cast<std::size_t>(static_cast<double>(elements) * per_weight);
+    QG_CHECK(need < free_bytes, "the model's weights need about ", gib(need), " GiB but only ",
              gib(free_bytes), " of ", gib(total), " GiB are free on ",
              cuda::device_description(device_));
   }
 
   void prepare_kv_cache(int num_layers, const AttentionShape& shape) override {
+    alloc_->release_cached();  // fp16 staging of quantized weights goes back to the driver
     if (!pool_) create_pool(num_layers, shape);
   }
 
@@ -363,6 +370,40 @@ class CudaBackend final : public Backend {
     return d;
   }
 
+  // The four per-layer linear weights are what quantization stores smaller (embeddings,
+  // lm_head, norms and biases stay fp16).
+  static bool is_layer_linear(const std::string& name) {
+    for (const char* suffix : {"attention.query_key_value.weight", "attention.dense.weight",
+                               "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight"}) {
+      const std::string sfx = suffix;
+      if (name.size() > sfx.size() && name.compare(name.size() - sfx.size(), sfx.size(), sfx) == 0) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /// Replaces the fp16 weight `t` by its quantized form (the fp16 copy is freed); the
+  /// returned tensor's data is the quantized bytes, its dtype I8 (int8) or U8 (packed int4).
+  Tensor quantize(const Tensor& t, const std::string& name) {
+    const auto scheme = options_.quant_scheme;
+    const std::int64_t N = t.rows(), K = t.cols();
+    const std::size_t data_bytes = tensor::quant_data_bytes(scheme, N, K);
+    const std::size_t scale_bytes = tensor::quant_scale_count(scheme, N, K) * 2;
+    auto data = alloc_->allocate(data_bytes, name.c_str());
+    auto scales = alloc_->allocate(scale_bytes, name.c_str());
+    const auto qw = cuda::quantize_weight(u16(t), scheme, N, K, data.get(),
+                                          static_cast<std::uint16_t*>(scales.get()), name.c_str(), stream_);
+    quantized_[data.get()] = qw;
+    weight_bytes_ += data_bytes + scale_bytes;
+    max_quantized_elements_ = std::max<std::size_t>(max_quantized_elements_, static_cast<std::size_t>(N * K));
+    // One owner keeps both buffers alive for as long as the tensor is.
+    auto owner = std::make_shared<std::pair<std::shared_ptr<void>, std::shared_ptr<void>>>(data, scales);
+    void* ptr = data.get();
+    const DType dtype = scheme == tensor::QuantScheme::Int8PerChannel ? DType::I8 : DType::U8;
+    return Tensor(dtype, Device::Cuda, N, K, std::shared_ptr<void>(owner, ptr), ptr);
+  }
+
   // The model shape a GpuLoraStack needs, from the adapter's own feature sizes.
   static io::ModelConfig adapter_model_config(const lora::LoraAdapter& adapter) {
     io::ModelConfig c;
@@ -382,6 +423,10 @@ class CudaBackend final : public Backend {
             Tensor& out) {
     const std::int64_t M = x.rows(), K = x.cols(), N = w.rows();
     check_f16(x, M, K, "linear input");
+    if (w.dtype() != DType::F16) {
+      quant_gemm(x, w, ep, out);
+      return;
+    }
     check_f16(w, N, K, "linear weight");
     if (!bias.empty()) check_f16(bias, 1, N, "linear bias");
     QG_CHECK(out.rows() == M && out.cols() == N, "cuda backend: linear output is ",
@@ -391,6 +436,24 @@ class CudaBackend final : public Backend {
                                    (M <= cuda::kGemmSkinnyMaxM ? " (skinny)" : " (tiled)")
                              : std::string());
     cuda::gemm_f16(u16(x), u16(w), out.data(), out.dtype() == DType::F32, M, N, K, ep, stream_);
+  }
+
+  void quant_gemm(const Tensor& x, const Tensor& w, const cuda::GemmEpilogue& ep, Tensor& out) {
+    const auto it = quantized_.find(w.data());
+    QG_CHECK(it != quantized_.end() && w.cols() == x.cols(), "cuda backend: linear weight of dtype ",
+             dtype_name(w.dtype()), " is not a quantized weight of this backend");
+    const std::int64_t M = x.rows();
+    QG_CHECK(out.rows() == M && out.cols() == w.rows(), "cuda backend: linear output is ",
+             out.shape_string(), ", expected [", M, ", ", w.rows(), "]");
+    const auto timing = profiler_->scope(
+        profiler_->enabled() ? "quant gemm N=" + std::to_string(w.rows()) + " K=" + std::to_string(w.cols())
+                             : std::string());
+    std::shared_ptr<void> scratch;  // prefill multiplies a dequantized fp16 copy
+    if (M > cuda::kQuantDecodeMaxM) {
+      scratch = alloc_->allocate(max_quantized_elements_ * 2, "dequantized weight scratch");
+    }
+    cuda::quant_gemm(u16(x), it->second, out.data(), out.dtype() == DType::F32, M, ep, stream_,
+                     static_cast<std::uint16_t*>(scratch.get()));
   }
 
   void create_pool(int num_layers, const AttentionShape& shape) {
@@ -426,6 +489,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::GpuLoraStack> lora_stacks_[4];  // by lora::LoraTarget
   std::vector<bool> adapter_loaded_;                    // by adapter id
   std::shared_ptr<void> row_adapters_;                  // int32 [tokens] of this forward, or null
+  std::map<const void*, cuda::QuantizedWeight> quantized_;  // by the weight tensor's data
+  std::size_t max_quantized_elements_ = 0;
 };
 
 }  // namespace

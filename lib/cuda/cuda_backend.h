@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "qinggeng/model/backend.h"
+#include "qinggeng/tensor/quantize.h"
 
 namespace qg::model {
 
@@ -15,6 +16,8 @@ struct CudaBackendOptions {
   std::size_t kv_cache_bytes = 0;  ///< 0: free memory less a reserve, up to max_kv_blocks
   int max_kv_blocks = 64 * 2048 / 16;  ///< default cap: 64 sequences of 2048 tokens
   int max_adapters = 8;            ///< runtime LoRA adapter ids [0, max_adapters)
+  bool quantize = false;           ///< store the layers' four linear weights quantized
+  tensor::QuantScheme quant_scheme = tensor::QuantScheme::Int8PerChannel;
 };
 
 std::unique_ptr<Backend> make_cuda_backend(int device, const CudaBackendOptions& options = {});

@@ -29,10 +29,18 @@ bool cuda_available() {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads) {
-  if (device == "cpu") return make_cpu_backend(cpu_threads);
+std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads,
+                                      const std::string& weights) {
+  QG_CHECK(weights == "f16" || weights == "int8" || weights == "int4", "unknown weight format '",
+           weights, "' (expected f16, int8 or int4)");
+  const bool quantized = weights != "f16";
+  if (device == "cpu") {
+    QG_CHECK(!quantized, "--quant ", weights, " needs the CUDA backend (the CPU reference keeps float32)");
+    return make_cpu_backend(cpu_threads);
+  }
   if (device == "auto") {
-    return cuda_available() ? make_backend("cuda", cpu_threads) : make_cpu_backend(cpu_threads);
+    return cuda_available() ? make_backend("cuda", cpu_threads, weights)
+                            : make_backend("cpu", cpu_threads, weights);
   }
   if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
 #if defined(QG_WITH_CUDA)
@@ -44,7 +52,11 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads
                "--device ", device, ": expected cuda:N with N a device number");
       index = std::stoi(digits);
     }
-    return make_cuda_backend(index);
+    CudaBackendOptions options;
+    options.quantize = quantized;
+    options.quant_scheme = weights == "int4" ? tensor::QuantScheme::Int4Group128
+                                             : tensor::QuantScheme::Int8PerChannel;
+    return make_cuda_backend(index, options);
 #else
     fail("--device ", device, ": this build was configured without CUDA (QG_WITH_CUDA=OFF)");
 #endif

@@ -167,3 +167,33 @@ TEST_CASE("sampling on the device: greedy equals the CPU, sampled batches equal 
   }
   CHECK(engine::generate(gpu, prompt, g).tokens == engine::generate(gpu, prompt, g).tokens);
 }
+
+TEST_CASE("int8 and int4 weights on CUDA stay close to fp16 and generate") {
+  auto config = test::tiny_config();
+  config.hidden_size = 256;
+  config.num_attention_heads = 4;
+  config.inner_hidden_size = 1024;
+  config.vocab_size = 512;
+  config.mask_token_id = 500;
+  config.gmask_token_id = 501;
+  config.bos_token_id = 504;
+  config.eos_token_id = 505;
+  const auto dir = test::tiny_model_dir("cuda-quant", 15, config);
+  const auto f16 = model::GlmModel::load(dir, model::make_backend("cuda"));
+  std::vector<int> ids;
+  for (int i = 0; i < 20; ++i) ids.push_back(3 + (i * 37) % 490);  // 24 tokens: the prefill path
+  ids.insert(ids.end(), {config.gmask_token_id, config.bos_token_id, 60, 61});
+  const auto reference = engine::score_logits(f16, ids);
+  // Documented bounds (docs/kernels/quant.md): relative logit error of these random models.
+  for (const auto& [format, bound] : std::vector<std::pair<std::string, double>>{{"int8", 3e-2}, {"int4", 2e-1}}) {
+    const auto quant = model::GlmModel::load(dir, model::make_backend("cuda", 0, format));
+    const double rel = relative_error(engine::score_logits(quant, ids), reference);
+    INFO(format << " relative logits error " << rel);
+    CHECK(rel < bound);
+    engine::GenerationConfig g;  // the decode path
+    g.sampling.do_sample = false;
+    g.max_new_tokens = 5;
+    CHECK(engine::generate(quant, {5, 6, config.gmask_token_id, config.bos_token_id}, g).tokens.size() <= 5);
+  }
+  REQUIRE_THROWS_WITH(model::make_backend("cpu", 0, "int8"), QG_CONTAINS("CUDA"));
+}

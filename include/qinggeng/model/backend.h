@@ -155,7 +155,10 @@ std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 bool cuda_available();
 
 /// \brief A backend by name: "cpu", "cuda" / "cuda:N", or "auto" (CUDA when available, else
-/// the CPU). \throws qg::Error for an unknown name or an unavailable device.
-std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads = 0);
+/// the CPU). `weights` is "f16" (as loaded), or "int8" / "int4" to store the layers' linear
+/// weights quantized (per-channel int8, or int4 in groups of 128; CUDA only).
+/// \throws qg::Error for an unknown name, an unavailable device or an unsupported format.
+std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads = 0,
+                                      const std::string& weights = "f16");
 
 }  // namespace qg::model
