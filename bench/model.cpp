@@ -8,6 +8,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -21,13 +23,20 @@ using Clock = std::chrono::steady_clock;
 
 qg::io::ModelConfig chatglm_6b() { return qg::io::ModelConfig{}; }  // the defaults are 6B's
 
+// Weight format of the benchmarked model: QG_BENCH_WEIGHTS=f16 (default), int8 or int4.
+std::string weight_format() {
+  const char* env = std::getenv("QG_BENCH_WEIGHTS");
+  return env ? env : "f16";
+}
+
 qg::model::GlmModel& model_6b() {
   static std::unique_ptr<qg::model::GlmModel> model = [] {
     const auto t0 = Clock::now();
     auto m = std::make_unique<qg::model::GlmModel>(qg::model::random_model(
-        chatglm_6b(), qg::model::make_backend("cuda"), {1, qg::DType::F16, false}));
-    std::fprintf(stderr, "random 6B model on the GPU in %.1f s\n",
+        chatglm_6b(), qg::model::make_backend("cuda", 0, weight_format()), {1, qg::DType::F16, false}));
+    std::fprintf(stderr, "random 6B model (%s weights) on the GPU in %.1f s\n", weight_format().c_str(),
                  std::chrono::duration<double>(Clock::now() - t0).count());
+    std::fprintf(stderr, "memory plan: %s\n", m->backend().memory_report().c_str());
     return m;
   }();
   return *model;
@@ -89,7 +98,7 @@ void BM_ModelDecode(benchmark::State& state) {
   state.counters["tokens_per_s"] = batch / (ms / 1e3);
   state.counters["weight_GBps"] = weight_gbps;
   qg::bench::table_row(
-      "Model decode (ChatGLM-6B shapes, random fp16 weights)",
+      "Model decode (ChatGLM-6B shapes, random weights, " + weight_format() + ")",
       {"batch x prompt", "ms / step", "tokens / s", "weight GB/s", "% of copy BW", "GPU GiB used"},
       {std::to_string(batch) + " x " + std::to_string(prompt), qg::bench::cell(ms, 2),
        qg::bench::cell(batch / (ms / 1e3), 0), qg::bench::cell(weight_gbps, 0),
@@ -114,7 +123,7 @@ void BM_ModelPrefill(benchmark::State& state) {
   const double ms = qg::bench::median(times);
   state.counters["tokens_per_s"] = length / (ms / 1e3);
   const double tflops = 2.0 * 6.2e9 * length / (ms / 1e3) / 1e12;
-  qg::bench::table_row("Model prefill (ChatGLM-6B shapes, one sequence)",
+  qg::bench::table_row("Model prefill (ChatGLM-6B shapes, one sequence, " + weight_format() + ")",
                        {"prompt tokens", "ms", "tokens / s", "TFLOP/s (2 x 6.2e9 x n)", "GPU GiB used"},
                        {std::to_string(length), qg::bench::cell(ms, 2), qg::bench::cell(length / (ms / 1e3), 0),
                         qg::bench::cell(tflops, 0), qg::bench::cell(used_gib(), 1)});
