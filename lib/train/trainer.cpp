@@ -67,7 +67,6 @@ void TrainerConfig::validate() const {
   }
   QG_CHECK(lr > 0 && std::isfinite(lr), o, ": lr must be > 0, got ", lr);
   QG_CHECK(weight_decay >= 0, o, ": weight_decay must be >= 0, got ", weight_decay);
-  QG_CHECK(warmup_steps >= 0, o, ": warmup_steps must be >= 0, got ", warmup_steps);
   QG_CHECK(grad_accum >= 1, o, ": grad_accum must be >= 1, got ", grad_accum);
   QG_CHECK(batch_size > 0 || max_tokens > 0, o, ": batch_size and max_tokens are both 0");
   QG_CHECK(max_steps >= 0, o, ": max_steps must be >= 0, got ", max_steps);
@@ -292,13 +291,14 @@ Trainer::Trainer(const fs::path& model_dir, std::vector<TrainingExample> train,
                 ? config.max_steps
                 : (config.epochs * batches + config.grad_accum - 1) / config.grad_accum;
   s.state.schedule.peak_lr = config.lr;
-  s.state.schedule.warmup_steps = config.warmup_steps;
+  s.state.schedule.warmup_steps =
+      config.warmup_steps >= 0 ? config.warmup_steps : std::min<std::int64_t>(5000, s.total / 10);
   s.state.schedule.total_steps = s.total;
   s.state.schedule.decay = config.decay;
   try {
     s.state.schedule.validate();
   } catch (const Error& e) {
-    fail("Trainer: the run has ", s.total, " steps and ", config.warmup_steps,
+    fail("Trainer: the run has ", s.total, " steps and ", s.state.schedule.warmup_steps,
          " warmup steps: ", e.what());
   }
   s.position = s.planner.start();
@@ -307,6 +307,7 @@ Trainer::Trainer(const fs::path& model_dir, std::vector<TrainingExample> train,
 Trainer::~Trainer() = default;
 
 std::int64_t Trainer::total_steps() const { return impl_->total; }
+std::int64_t Trainer::warmup_steps() const { return impl_->state.schedule.warmup_steps; }
 std::int64_t Trainer::step() const { return impl_->state.step; }
 const std::vector<std::string>& Trainer::trainable() const { return impl_->model.trainable(); }
 

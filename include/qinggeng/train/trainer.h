@@ -56,6 +56,7 @@ struct TrainerConfig {
   OptimizerKind optimizer = OptimizerKind::Lion;
   double lr = 1e-4;
   double weight_decay = 0.0;  ///< decoupled; never applied to biases and LayerNorms
+  /// Warmup steps; negative: MedicalGPT-zh's 5000, or a tenth of the run when that is shorter.
   std::int64_t warmup_steps = 0;
   DecayKind decay = DecayKind::Linear;
   double clip = 1.0;  ///< global gradient norm limit; <= 0 disables clipping
@@ -146,6 +147,8 @@ class Trainer {
 
   /// \brief Steps of the whole run (max_steps, or the epochs in steps).
   std::int64_t total_steps() const;
+  /// \brief Warmup steps of the schedule (after resolving a negative setting).
+  std::int64_t warmup_steps() const;
   /// \brief Steps done so far.
   std::int64_t step() const;
   /// \brief Names of the trained parameters (LoRA factors or every weight).
