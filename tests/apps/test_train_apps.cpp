@@ -1,44 +1,27 @@
 // qg-train and qg-merge end to end on a tiny model with the demo tokenizer, run as a user would
 // (binaries from build/bin): LoRA training, merging, full-parameter training, Ctrl-C + resume,
 // and the messages of bad flags and data.
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
+#include "app_runner.h"
 #include "catch.hpp"
-#include "qinggeng/lora/lora_adapter.h"
 #include "qinggeng/io/model_config.h"
+#include "qinggeng/lora/lora_adapter.h"
 #include "scratch_dir.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
-
-RunResult run_tool(const std::string& args, const std::string& prefix = "") {
-  const std::string cmd = prefix + std::string(QG_BINARY_DIR) + "/bin/" + args + " 2>&1";
-  RunResult r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::array<char, 4096> buf;
-  while (std::fgets(buf.data(), static_cast<int>(buf.size()), pipe)) r.output += buf.data();
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+using qg::test::run_app;
+const auto q = qg::test::quoted;
 
 // A tiny model with the demo tokenizer, and a small question/answer file.
 fs::path make_tiny(const fs::path& dir) {
   const fs::path demo = fs::path(QG_SOURCE_DIR) / "data" / "demo-model";
-  const auto r = run_tool("qg-init --out " + q(dir / "model") + " --tokenizer " + q(demo) +
+  const auto r = run_app("qg-init --out " + q(dir / "model") + " --tokenizer " + q(demo) +
                           " --hidden 32 --layers 1 --heads 2 --max-seq 96 --seed 5");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
@@ -55,7 +38,7 @@ TEST_CASE("qg-train writes a LoRA adapter that qg-merge folds into a model qg-ch
           "[apps][train]") {
   const fs::path dir = qg::test::scratch_dir("train-app-lora");
   const fs::path model = make_tiny(dir);
-  auto r = run_tool("qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") +
+  auto r = run_app("qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") +
                     " --eval-data " + q(dir / "data.jsonl") + " --output " + q(dir / "lora") +
                     " --mode lora --lora-targets query_key_value,dense --lora-r 4 --optimizer adamw"
                     " --lr 1e-2 --max-steps 6 --batch-size 2 --eval-every 3 --save-every 2 --keep 2"
@@ -73,21 +56,21 @@ TEST_CASE("qg-train writes a LoRA adapter that qg-merge folds into a model qg-ch
   // Checkpoints at steps 2 and 4 (the last step writes the adapter instead), both kept.
   CHECK(fs::exists(dir / "lora" / "checkpoints" / "checkpoint-00000004"));
 
-  r = run_tool("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " +
+  r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " +
                q(dir / "merged"));
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   CHECK(fs::exists(dir / "merged" / "model.safetensors"));
   CHECK(fs::exists(dir / "merged" / "ice_text.model"));
-  r = run_tool("qg-chat --model " + q(dir / "merged") + " --device cpu --max-new-tokens 4 --prompt '你好'");
+  r = run_app("qg-chat --model " + q(dir / "merged") + " --device cpu --max-new-tokens 4 --prompt '你好'");
   INFO(r.output);
   CHECK(r.exit_code == 0);
 
-  r = run_tool("qg-merge --model " + q(model) + " --adapter " + q(dir / "nothing") + " --output " +
+  r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "nothing") + " --output " +
                q(dir / "m2"));
   CHECK(r.exit_code != 0);
   CHECK(r.output.find("nothing: adapter directory not found") != std::string::npos);
-  r = run_tool("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " + q(model));
+  r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " + q(model));
   CHECK(r.exit_code != 0);
   CHECK(r.output.find("is the base model directory") != std::string::npos);
 }
@@ -100,7 +83,7 @@ TEST_CASE("qg-train full-parameter: Ctrl-C saves a checkpoint and exits 130, --r
                            " --output " + q(dir / "full") + " --mode full --lr 1e-3 --warmup 0"
                            " --batch-size 1 --threads 1 --seed 3";
   // A run far too long to finish, interrupted after a second.
-  auto r = run_tool(base + " --max-steps 1000000", "timeout --preserve-status -s INT 1 ");
+  auto r = run_app(base + " --max-steps 1000000", "timeout --preserve-status -s INT 1 ");
   INFO(r.output);
   REQUIRE(r.exit_code == 130);
   CHECK(r.output.find("checkpoint saved") != std::string::npos);
@@ -109,24 +92,24 @@ TEST_CASE("qg-train full-parameter: Ctrl-C saves a checkpoint and exits 130, --r
   CHECK_FALSE(fs::exists(dir / "full" / "model.safetensors"));
 
   // Resuming past the steps already done (the schedule follows the new length).
-  r = run_tool(base + " --max-steps 1000000 --schedule constant --resume",
+  r = run_app(base + " --max-steps 1000000 --schedule constant --resume",
                "timeout --preserve-status -s INT 1 ");
   INFO(r.output);
   CHECK(r.output.find("resuming at step") != std::string::npos);
   // A run already past its length just writes its output.
-  r = run_tool(base + " --epochs 1 --resume");
+  r = run_app(base + " --epochs 1 --resume");
   INFO(r.output);
   CHECK(r.exit_code == 0);
   CHECK(fs::exists(dir / "full" / "model.safetensors"));
 
-  r = run_tool("qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") + " --output " +
+  r = run_app("qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") + " --output " +
                q(dir / "full2") + " --mode full --max-steps 2 --warmup 0 --dtype f16");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   CHECK(fs::exists(dir / "full2" / "model.safetensors"));
   CHECK(fs::exists(dir / "full2" / "config.json"));
   CHECK(fs::exists(dir / "full2" / "tokenizer_config.json"));
-  r = run_tool("qg-eval --model " + q(dir / "full2") + " --device cpu --text '多喝水'");
+  r = run_app("qg-eval --model " + q(dir / "full2") + " --device cpu --text '多喝水'");
   INFO(r.output);
   CHECK(r.exit_code == 0);
 }
@@ -136,7 +119,7 @@ TEST_CASE("qg-train reports bad flags and data clearly", "[apps][train]") {
   const fs::path model = make_tiny(dir);
   const std::string base = "qg-train --model " + q(model) + " --output " + q(dir / "out");
   const auto expect = [&](const std::string& args, const std::string& message) {
-    const auto r = run_tool(base + " " + args);
+    const auto r = run_app(base + " " + args);
     INFO(args << "\n" << r.output);
     CHECK(r.exit_code != 0);
     CHECK(r.output.find(message) != std::string::npos);
