@@ -73,8 +73,7 @@ void TrainerConfig::validate() const {
   QG_CHECK(max_steps > 0 || epochs >= 1, o, ": epochs must be >= 1 when max_steps is 0");
   QG_CHECK(eval_every >= 0 && save_every >= 0, o, ": eval_every and save_every must be >= 0");
   QG_CHECK(keep_checkpoints >= 0, o, ": keep_checkpoints must be >= 0");
-  QG_CHECK(output_dtype == DType::F32 || output_dtype == DType::F16 ||
-               output_dtype == DType::BF16,
+  QG_CHECK(output_dtype == DType::F32 || output_dtype == DType::F16 || output_dtype == DType::BF16,
            o, ": output_dtype must be F32, F16 or BF16");
   QG_CHECK(threads >= 0, o, ": threads must be >= 0");
 }
@@ -106,7 +105,8 @@ lora::LoraAdapter initial_adapter(const TrainerConfig& c, const io::ModelConfig&
       std::uniform_real_distribution<float> uniform(-bound, bound);
       std::vector<float> a(static_cast<std::size_t>(c.lora_r * in));
       for (float& v : a) v = uniform(rng);
-      adapter.set(layer, t, std::move(a), std::vector<float>(static_cast<std::size_t>(out * c.lora_r)));
+      adapter.set(layer, t, std::move(a),
+                  std::vector<float>(static_cast<std::size_t>(out * c.lora_r)));
     }
   }
   return adapter;
@@ -224,8 +224,8 @@ struct Trainer::Impl {
       } else {
         halves.emplace_back(v.size());
         for (std::size_t i = 0; i < v.size(); ++i) {
-          halves.back()[i] = config.output_dtype == DType::F16 ? float_to_half(v[i])
-                                                               : float_to_bf16(v[i]);
+          halves.back()[i] =
+              config.output_dtype == DType::F16 ? float_to_half(v[i]) : float_to_bf16(v[i]);
         }
         t.data = halves.back().data();
       }
@@ -270,9 +270,9 @@ Trainer::Trainer(const fs::path& model_dir, std::vector<TrainingExample> train,
   plan.max_tokens = config.max_tokens;
   plan.seed = config.seed;
   BatchPlanner planner(std::move(lengths), plan);
-  impl_ = std::make_unique<Impl>(model_dir, std::move(train), std::move(eval), config, output_dir,
-                                 std::move(mc), std::move(store), std::move(model),
-                                 std::move(planner));
+  impl_ =
+      std::make_unique<Impl>(model_dir, std::move(train), std::move(eval), config, output_dir,
+                             std::move(mc), std::move(store), std::move(model), std::move(planner));
   Impl& s = *impl_;
 
   for (const std::string& name : s.model.trainable()) {

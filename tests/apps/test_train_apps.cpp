@@ -22,7 +22,7 @@ const auto q = qg::test::quoted;
 fs::path make_tiny(const fs::path& dir) {
   const fs::path demo = fs::path(QG_SOURCE_DIR) / "data" / "demo-model";
   const auto r = run_app("qg-init --out " + q(dir / "model") + " --tokenizer " + q(demo) +
-                          " --hidden 32 --layers 1 --heads 2 --max-seq 96 --seed 5");
+                         " --hidden 32 --layers 1 --heads 2 --max-seq 96 --seed 5");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   std::ofstream(dir / "data.jsonl")
@@ -39,10 +39,10 @@ TEST_CASE("qg-train writes a LoRA adapter that qg-merge folds into a model qg-ch
   const fs::path dir = qg::test::scratch_dir("train-app-lora");
   const fs::path model = make_tiny(dir);
   auto r = run_app("qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") +
-                    " --eval-data " + q(dir / "data.jsonl") + " --output " + q(dir / "lora") +
-                    " --mode lora --lora-targets query_key_value,dense --lora-r 4 --optimizer adamw"
-                    " --lr 1e-2 --max-steps 6 --batch-size 2 --eval-every 3 --save-every 2 --keep 2"
-                    " --dtype f32 --seed 7 --device cpu");
+                   " --eval-data " + q(dir / "data.jsonl") + " --output " + q(dir / "lora") +
+                   " --mode lora --lora-targets query_key_value,dense --lora-r 4 --optimizer adamw"
+                   " --lr 1e-2 --max-steps 6 --batch-size 2 --eval-every 3 --save-every 2 --keep 2"
+                   " --dtype f32 --seed 7 --device cpu");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   CHECK(r.output.find("step 6/6") != std::string::npos);
@@ -57,20 +57,22 @@ TEST_CASE("qg-train writes a LoRA adapter that qg-merge folds into a model qg-ch
   CHECK(fs::exists(dir / "lora" / "checkpoints" / "checkpoint-00000004"));
 
   r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " +
-               q(dir / "merged"));
+              q(dir / "merged"));
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   CHECK(fs::exists(dir / "merged" / "model.safetensors"));
   CHECK(fs::exists(dir / "merged" / "ice_text.model"));
-  r = run_app("qg-chat --model " + q(dir / "merged") + " --device cpu --max-new-tokens 4 --prompt '你好'");
+  r = run_app("qg-chat --model " + q(dir / "merged") +
+              " --device cpu --max-new-tokens 4 --prompt '你好'");
   INFO(r.output);
   CHECK(r.exit_code == 0);
 
   r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "nothing") + " --output " +
-               q(dir / "m2"));
+              q(dir / "m2"));
   CHECK(r.exit_code != 0);
   CHECK(r.output.find("nothing: adapter directory not found") != std::string::npos);
-  r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " + q(model));
+  r = run_app("qg-merge --model " + q(model) + " --adapter " + q(dir / "lora") + " --output " +
+              q(model));
   CHECK(r.exit_code != 0);
   CHECK(r.output.find("is the base model directory") != std::string::npos);
 }
@@ -80,7 +82,8 @@ TEST_CASE("qg-train full-parameter: Ctrl-C saves a checkpoint and exits 130, --r
   const fs::path dir = qg::test::scratch_dir("train-app-full");
   const fs::path model = make_tiny(dir);
   const std::string base = "qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") +
-                           " --output " + q(dir / "full") + " --mode full --lr 1e-3 --warmup 0"
+                           " --output " + q(dir / "full") +
+                           " --mode full --lr 1e-3 --warmup 0"
                            " --batch-size 1 --threads 1 --seed 3";
   // A run far too long to finish, interrupted after a second.
   auto r = run_app(base + " --max-steps 1000000", "timeout --preserve-status -s INT 1 ");
@@ -93,7 +96,7 @@ TEST_CASE("qg-train full-parameter: Ctrl-C saves a checkpoint and exits 130, --r
 
   // Resuming past the steps already done (the schedule follows the new length).
   r = run_app(base + " --max-steps 1000000 --schedule constant --resume",
-               "timeout --preserve-status -s INT 1 ");
+              "timeout --preserve-status -s INT 1 ");
   INFO(r.output);
   CHECK(r.output.find("resuming at step") != std::string::npos);
   // A run already past its length just writes its output.
@@ -103,7 +106,7 @@ TEST_CASE("qg-train full-parameter: Ctrl-C saves a checkpoint and exits 130, --r
   CHECK(fs::exists(dir / "full" / "model.safetensors"));
 
   r = run_app("qg-train --model " + q(model) + " --data " + q(dir / "data.jsonl") + " --output " +
-               q(dir / "full2") + " --mode full --max-steps 2 --warmup 0 --dtype f16");
+              q(dir / "full2") + " --mode full --max-steps 2 --warmup 0 --dtype f16");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   CHECK(fs::exists(dir / "full2" / "model.safetensors"));

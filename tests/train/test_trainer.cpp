@@ -124,15 +124,14 @@ TEST_CASE("Trainer overfits three examples in full-parameter mode; the model loa
   for (const auto& e : examples) CHECK(greedy(m, e, -1) == answer_of(e));
 }
 
-TEST_CASE("Trainer: stop, resume from the checkpoint, and the loss curve is unchanged",
-          "[train]") {
+TEST_CASE("Trainer: stop, resume from the checkpoint, and the loss curve is unchanged", "[train]") {
   const auto model_dir = test::tiny_model_dir("trainer-resume", 13);
   const auto config = io::load_model_config(model_dir);
   const auto examples = tiny_examples(config);
   TrainerConfig c = lora_config();
   c.lora_dropout = 0.1;  // the dropout stream must resume too
   c.optimizer = train::OptimizerKind::AdamW;
-  c.batch_size = 2;      // several batches per epoch: the data position must resume
+  c.batch_size = 2;  // several batches per epoch: the data position must resume
   c.grad_accum = 2;
   c.max_steps = 8;
   c.decay = train::DecayKind::Linear;

@@ -59,7 +59,7 @@ struct TrainerConfig {
   /// Warmup steps; negative: MedicalGPT-zh's 5000, or a tenth of the run when that is shorter.
   std::int64_t warmup_steps = 0;
   DecayKind decay = DecayKind::Linear;
-  double clip = 1.0;  ///< global gradient norm limit; <= 0 disables clipping
+  double clip = 1.0;   ///< global gradient norm limit; <= 0 disables clipping
   int grad_accum = 1;  ///< micro-batches per optimizer step
   // Batches.
   std::size_t batch_size = 4;  ///< examples per micro-batch (0: only max_tokens limits)
@@ -69,12 +69,12 @@ struct TrainerConfig {
   std::int64_t max_steps = 0;
   int epochs = 1;
   // Evaluation, checkpoints, output.
-  std::int64_t eval_every = 0;  ///< steps between evaluations (0: only at the end)
-  std::int64_t save_every = 0;  ///< steps between checkpoints (0: only on stop requests)
-  int keep_checkpoints = 2;     ///< newest checkpoints kept (0: all)
+  std::int64_t eval_every = 0;      ///< steps between evaluations (0: only at the end)
+  std::int64_t save_every = 0;      ///< steps between checkpoints (0: only on stop requests)
+  int keep_checkpoints = 2;         ///< newest checkpoints kept (0: all)
   DType output_dtype = DType::F16;  ///< dtype of the final adapter or model weights
   bool checkpoint_layers = false;   ///< activation checkpointing in ModelGrad
-  int threads = 0;  ///< examples of a batch computed in parallel (0: hardware threads)
+  int threads = 0;         ///< examples of a batch computed in parallel (0: hardware threads)
   std::uint64_t seed = 1;  ///< data order, LoRA initialisation and dropout
 
   /// \brief \throws qg::Error naming the field for an out-of-range setting.
@@ -83,14 +83,14 @@ struct TrainerConfig {
 
 /// \brief One optimizer step, as reported to the progress callback and the metrics.
 struct StepReport {
-  std::int64_t step = 0;         ///< steps done after this one (1-based)
+  std::int64_t step = 0;  ///< steps done after this one (1-based)
   std::int64_t total_steps = 0;
-  double loss = 0;               ///< mean NLL over the step's scored tokens
-  double lr = 0;                 ///< learning rate the step used
-  double grad_norm = 0;          ///< global norm before clipping
-  std::int64_t tokens = 0;       ///< tokens (prompt + answer) of the step
-  double tokens_per_second = 0;  ///< over this run so far (resumed runs count from resume)
-  double seconds = 0;            ///< wall time of this run so far
+  double loss = 0;                  ///< mean NLL over the step's scored tokens
+  double lr = 0;                    ///< learning rate the step used
+  double grad_norm = 0;             ///< global norm before clipping
+  std::int64_t tokens = 0;          ///< tokens (prompt + answer) of the step
+  double tokens_per_second = 0;     ///< over this run so far (resumed runs count from resume)
+  double seconds = 0;               ///< wall time of this run so far
   std::optional<double> eval_loss;  ///< set when the step ended with an evaluation
 };
 
@@ -103,11 +103,11 @@ struct EvalReport {
 
 /// \brief How Trainer::run ended.
 struct TrainResult {
-  std::int64_t steps = 0;         ///< steps done in total (earlier runs included)
-  bool stopped = false;           ///< a stop request ended it early (a checkpoint was saved)
-  std::vector<double> losses;     ///< loss of every step this run took, in order
+  std::int64_t steps = 0;      ///< steps done in total (earlier runs included)
+  bool stopped = false;        ///< a stop request ended it early (a checkpoint was saved)
+  std::vector<double> losses;  ///< loss of every step this run took, in order
   std::optional<EvalReport> final_eval;
-  std::filesystem::path output;   ///< the written adapter / model directory (empty if stopped)
+  std::filesystem::path output;  ///< the written adapter / model directory (empty if stopped)
 };
 
 /// \brief Trains a model from a Hugging Face directory on already laid-out examples.
