@@ -73,7 +73,8 @@ int main(int argc, char** argv) {
       model_opts.model_dir = find_demo_model(argv[0]);
       std::fprintf(stderr,
                    "Note: no --model given, so this is the tiny bundled demo model (%s): a few MB of "
-                   "untrained weights that show the program works; its replies are noise.\n"
+                   "weights trained on our small health-education corpus (scripts/train_demo_model.sh); it "
+                   "writes health-text-like Chinese and is not for medical advice.\n"
                    "Point it at ChatGLM-6B with: qg-chat --model /path/to/chatglm-6b\n",
                    model_opts.model_dir.c_str());
     }

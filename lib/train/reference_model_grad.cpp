@@ -204,29 +204,29 @@ LoraShape ModelGrad::lora_shape(int layer, LoraTarget target, Index tokens,
   return s;
 }
 
-void ModelGrad::check_example(const LabeledSequence& e) const {
+void ModelGrad::check_example(const TrainingExample& e) const {
   const Index T = static_cast<Index>(e.input_ids.size());
-  QG_CHECK(T > 0, "LabeledSequence: input_ids is empty");
-  QG_CHECK(T <= config_.max_sequence_length, "LabeledSequence: ", T,
+  QG_CHECK(T > 0, "TrainingExample: input_ids is empty");
+  QG_CHECK(T <= config_.max_sequence_length, "TrainingExample: ", T,
            " input_ids exceed max_sequence_length ", config_.max_sequence_length);
-  QG_CHECK(e.labels.size() == e.input_ids.size(), "LabeledSequence: ", e.labels.size(),
+  QG_CHECK(e.labels.size() == e.input_ids.size(), "TrainingExample: ", e.labels.size(),
            " labels for ", T, " input_ids");
   for (Index t = 0; t < T; ++t) {
     const int id = e.input_ids[static_cast<std::size_t>(t)];
     const int label = e.labels[static_cast<std::size_t>(t)];
-    QG_CHECK(id >= 0 && id < config_.vocab_size, "LabeledSequence: input_ids[", t, "] = ", id,
+    QG_CHECK(id >= 0 && id < config_.vocab_size, "TrainingExample: input_ids[", t, "] = ", id,
              " outside the vocabulary [0, ", config_.vocab_size, ")");
     QG_CHECK(label == kIgnoreLabel || (label >= 0 && label < config_.vocab_size),
-             "LabeledSequence: labels[", t, "] = ", label, " is neither ", kIgnoreLabel,
+             "TrainingExample: labels[", t, "] = ", label, " is neither ", kIgnoreLabel,
              " nor inside the vocabulary [0, ", config_.vocab_size, ")");
   }
-  QG_CHECK(e.context_length >= 0 && e.context_length <= T, "LabeledSequence: context_length ",
+  QG_CHECK(e.context_length >= 0 && e.context_length <= T, "TrainingExample: context_length ",
            e.context_length, " outside [0, ", T, "]");
-  QG_CHECK(e.mask_position >= 0 && e.mask_position < T, "LabeledSequence: mask_position ",
+  QG_CHECK(e.mask_position >= 0 && e.mask_position < T, "TrainingExample: mask_position ",
            e.mask_position, " outside [0, ", T, ")");
 }
 
-void ModelGrad::layer_forward(int layer, const float* x, const LabeledSequence& e,
+void ModelGrad::layer_forward(int layer, const float* x, const TrainingExample& e,
                               const GradOptions& options, LayerState& s) const {
   const Index T = static_cast<Index>(e.input_ids.size());
   const Index H = config_.hidden_size, I = config_.inner_hidden_size;
@@ -288,7 +288,7 @@ void ModelGrad::layer_forward(int layer, const float* x, const LabeledSequence& 
   scaled_residual_forward(s.m.data(), alpha, y.data(), T * H, sized(s.out, T * H));
 }
 
-void ModelGrad::layer_backward(int layer, const LayerState& s, const LabeledSequence& e,
+void ModelGrad::layer_backward(int layer, const LayerState& s, const TrainingExample& e,
                                const GradOptions& options, std::vector<float>& dx,
                                Trainables& grads) const {
   const Index T = static_cast<Index>(e.input_ids.size());
@@ -351,7 +351,7 @@ void ModelGrad::layer_backward(int layer, const LayerState& s, const LabeledSequ
                       gw("input_layernorm.bias"));
 }
 
-LossAndGrad ModelGrad::run(const LabeledSequence& e, const GradOptions& options,
+LossAndGrad ModelGrad::run(const TrainingExample& e, const GradOptions& options,
                            bool backward) const {
   check_example(e);
   const Index T = static_cast<Index>(e.input_ids.size());
@@ -415,12 +415,12 @@ LossAndGrad ModelGrad::run(const LabeledSequence& e, const GradOptions& options,
   return result;
 }
 
-LossAndGrad ModelGrad::loss_and_grad(const LabeledSequence& example,
+LossAndGrad ModelGrad::loss_and_grad(const TrainingExample& example,
                                      const GradOptions& options) const {
   return run(example, options, true);
 }
 
-double ModelGrad::loss(const LabeledSequence& example, const GradOptions& options) const {
+double ModelGrad::loss(const TrainingExample& example, const GradOptions& options) const {
   return run(example, options, false).loss;
 }
 

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <string>
 
+#include "app_runner.h"
 #include "catch.hpp"
 #include "model_fixtures.h"
 #include "qinggeng/io/npy.h"
@@ -13,24 +14,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
+using qg::test::quoted;
+using qg::test::RunResult;
 
-RunResult run(const std::string& args) {
-  const std::string cmd = std::string(QG_BINARY_DIR) + "/bin/" + args + " 2>&1";
-  RunResult r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::array<char, 4096> buf;
-  while (std::fgets(buf.data(), static_cast<int>(buf.size()), pipe)) r.output += buf.data();
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string quoted(const fs::path& p) { return "'" + p.string() + "'"; }
+RunResult run(const std::string& args) { return qg::test::run_app(args); }
 
 }  // namespace
 

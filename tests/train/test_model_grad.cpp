@@ -18,14 +18,14 @@
 using namespace qg;
 using lora::LoraTarget;
 using train::GradOptions;
-using train::LabeledSequence;
+using train::TrainingExample;
 using train::ModelGrad;
 
 namespace {
 
 // q0..q3 [gMASK] <sop> a0 a1 a2 <eop>: labels on the answer and <eop> only.
-LabeledSequence answer_example(const io::ModelConfig& c) {
-  LabeledSequence e;
+TrainingExample answer_example(const io::ModelConfig& c) {
+  TrainingExample e;
   e.input_ids = {5, 6, 7, 8, c.gmask_token_id, c.bos_token_id, 30, 31, 32, c.eos_token_id};
   e.context_length = 5;
   e.mask_position = 4;
@@ -37,7 +37,7 @@ LabeledSequence answer_example(const io::ModelConfig& c) {
 }
 
 // Mean NLL of the labelled tokens of `e` from logits [tokens, vocab] of every position.
-double mean_nll(const std::vector<float>& logits, std::size_t vocab, const LabeledSequence& e) {
+double mean_nll(const std::vector<float>& logits, std::size_t vocab, const TrainingExample& e) {
   double nll = 0;
   int count = 0;
   for (std::size_t t = 1; t < e.input_ids.size(); ++t) {
@@ -53,7 +53,7 @@ double mean_nll(const std::vector<float>& logits, std::size_t vocab, const Label
 }
 
 // The same from the inference model (no adapter).
-double inference_loss(const model::GlmModel& model, const LabeledSequence& e) {
+double inference_loss(const model::GlmModel& model, const TrainingExample& e) {
   return mean_nll(engine::score_logits(model, e.input_ids),
                   static_cast<std::size_t>(model.config().vocab_size), e);
 }
@@ -73,7 +73,7 @@ std::vector<std::size_t> probe_indices(const std::vector<float>& grad, unsigned 
 }
 
 // Checks the gradient of `name` against central differences of the loss on a few coordinates.
-void check_fd(ModelGrad& m, const LabeledSequence& e, const GradOptions& options,
+void check_fd(ModelGrad& m, const TrainingExample& e, const GradOptions& options,
               const train::LossAndGrad& lg, const std::string& name) {
   INFO(name);
   const auto& grad = lg.grads.at(name);

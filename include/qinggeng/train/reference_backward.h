@@ -12,14 +12,14 @@
 #pragma once
 
 #include "qinggeng/model/rotary.h"
+#include "qinggeng/train/dataset.h"
 
 #include <cstdint>
 #include <vector>
 
 namespace qg::train {
 
-/// \brief The label value that marks a position without a target (PyTorch's ignore_index).
-inline constexpr int kIgnoreLabel = -100;
+// kIgnoreLabel, the label of a position without a target, comes from dataset.h.
 
 // ---- linear -------------------------------------------------------------------------------
 

@@ -19,22 +19,10 @@
 #include "qinggeng/io/model_config.h"
 #include "qinggeng/io/weight_store.h"
 #include "qinggeng/lora/lora_adapter.h"
+#include "qinggeng/train/dataset.h"
 #include "qinggeng/train/reference_backward.h"
 
 namespace qg::train {
-
-/// \brief One training sequence in the GLM layout (spec section 2).
-///
-/// labels[t] is the target of position t, predicted from the logits of position t - 1 (the
-/// Hugging Face shift: labels are aligned with input_ids and labels[0] is never used);
-/// kIgnoreLabel marks positions without loss (the prompt, padding). For the usual
-/// `q [gMASK] <sop> answer <eop>` the answer tokens and <eop> carry labels.
-struct LabeledSequence {
-  std::vector<int> input_ids;
-  std::vector<int> labels;
-  int context_length = 0;  ///< index of <sop> (text::GlmLayout::context_length)
-  int mask_position = 0;   ///< index of [gMASK] / [MASK] (text::GlmLayout::mask_position)
-};
 
 /// \brief Settings of one ModelGrad evaluation.
 struct GradOptions {
@@ -76,14 +64,16 @@ class ModelGrad {
   static ModelGrad lora(const io::ModelConfig& config, const io::WeightStore& store,
                         const lora::LoraAdapter& adapter);
 
-  /// \brief Loss and gradient of every trainable parameter on `example`.
+  /// \brief Loss and gradient of every trainable parameter on `example` (dataset.h's GLM
+  /// layout; its input_ids, labels, context_length and mask_position are used, the 2-D
+  /// positions derived from them).
   /// \throws qg::Error naming the field for an example that does not fit the model (ids or
   /// labels outside the vocabulary, lengths that differ, a layout outside the sequence, more
   /// than max_sequence_length tokens).
-  LossAndGrad loss_and_grad(const LabeledSequence& example, const GradOptions& options = {}) const;
+  LossAndGrad loss_and_grad(const TrainingExample& example, const GradOptions& options = {}) const;
 
   /// \brief The loss alone (forward only), as loss_and_grad computes it.
-  double loss(const LabeledSequence& example, const GradOptions& options = {}) const;
+  double loss(const TrainingExample& example, const GradOptions& options = {}) const;
 
   /// \brief Names of the trainable parameters, in model order.
   const std::vector<std::string>& trainable() const { return trainable_; }
@@ -104,12 +94,12 @@ class ModelGrad {
   struct Trainables;
   ModelGrad() = default;
 
-  LossAndGrad run(const LabeledSequence& example, const GradOptions& options, bool backward) const;
-  void layer_forward(int layer, const float* x, const LabeledSequence& example,
+  LossAndGrad run(const TrainingExample& example, const GradOptions& options, bool backward) const;
+  void layer_forward(int layer, const float* x, const TrainingExample& example,
                      const GradOptions& options, LayerState& s) const;
-  void layer_backward(int layer, const LayerState& s, const LabeledSequence& example,
+  void layer_backward(int layer, const LayerState& s, const TrainingExample& example,
                       const GradOptions& options, std::vector<float>& dx, Trainables& grads) const;
-  void check_example(const LabeledSequence& example) const;
+  void check_example(const TrainingExample& example) const;
   const float* weight(const std::string& name) const;
   bool adapted(int layer, lora::LoraTarget target) const;
   LoraShape lora_shape(int layer, lora::LoraTarget target, std::int64_t tokens,
