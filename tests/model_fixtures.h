@@ -27,6 +27,24 @@ inline io::ModelConfig tiny_config() {
   return c;
 }
 
+/// A wider configuration: the given sizes, special ids just below the vocabulary's end (the
+/// release's relative layout: [MASK], [gMASK], then <sop>, <eop> four later).
+inline io::ModelConfig sized_config(std::int64_t hidden, std::int64_t heads, std::int64_t inner,
+                                    std::int64_t vocab, std::int64_t max_sequence_length = 64) {
+  io::ModelConfig c = tiny_config();
+  c.hidden_size = hidden;
+  c.num_attention_heads = heads;
+  c.inner_hidden_size = inner;
+  c.vocab_size = vocab;
+  c.max_sequence_length = max_sequence_length;
+  const int base = static_cast<int>(vocab) - 12;
+  c.mask_token_id = base;
+  c.gmask_token_id = base + 1;
+  c.bos_token_id = base + 4;
+  c.eos_token_id = base + 5;
+  return c;
+}
+
 /// Writes a random tiny model (F32 weights, given seed) and returns its directory.
 inline std::filesystem::path tiny_model_dir(const std::string& name, std::uint64_t seed,
                                             const io::ModelConfig& config = tiny_config()) {

@@ -94,16 +94,7 @@ TEST_CASE("the CUDA model matches the CPU model: logits, greedy tokens, batching
 }
 
 TEST_CASE("a 2-layer hidden-4096 model on CUDA matches the CPU reference") {
-  auto config = test::tiny_config();
-  config.hidden_size = 4096;
-  config.num_attention_heads = 32;
-  config.inner_hidden_size = 16384;
-  config.vocab_size = 8192;
-  config.mask_token_id = 8000;
-  config.gmask_token_id = 8001;
-  config.bos_token_id = 8004;
-  config.eos_token_id = 8005;
-  config.max_sequence_length = 256;
+  const auto config = test::sized_config(4096, 32, 16384, 8192, 256);
   const auto dir = test::tiny_model_dir("cuda-4096", 12, config);
   const auto cpu = model::GlmModel::load(dir, model::make_cpu_backend(0));
   const auto gpu = model::GlmModel::load(dir, model::make_backend("cuda"));
@@ -169,15 +160,7 @@ TEST_CASE("sampling on the device: greedy equals the CPU, sampled batches equal 
 }
 
 TEST_CASE("int8 and int4 weights on CUDA stay close to fp16 and generate") {
-  auto config = test::tiny_config();
-  config.hidden_size = 256;
-  config.num_attention_heads = 4;
-  config.inner_hidden_size = 1024;
-  config.vocab_size = 512;
-  config.mask_token_id = 500;
-  config.gmask_token_id = 501;
-  config.bos_token_id = 504;
-  config.eos_token_id = 505;
+  const auto config = test::sized_config(256, 4, 1024, 512);
   const auto dir = test::tiny_model_dir("cuda-quant", 15, config);
   const auto f16 = model::GlmModel::load(dir, model::make_backend("cuda"));
   std::vector<int> ids;
