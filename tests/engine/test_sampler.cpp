@@ -32,21 +32,20 @@ TEST_CASE("repetition penalty divides positive and multiplies negative scores of
 
 TEST_CASE("top-k 1 and tiny top-p are greedy, top-k limits the candidates") {
   std::vector<float> base = {1.0f, 3.0f, 2.5f, 0.5f, 2.9f};
+  auto always_picks_argmax = [&](const SamplingConfig& config) {
+    Sampler s(config);
+    for (int i = 0; i < 20; ++i) {
+      auto l = base;
+      CHECK(s.sample(l, {}) == 1);
+    }
+  };
   SamplingConfig c;
   c.top_k = 1;
   c.top_p = 1.0f;
-  Sampler k1(c);
-  for (int i = 0; i < 20; ++i) {
-    auto l = base;
-    CHECK(k1.sample(l, {}) == 1);
-  }
+  always_picks_argmax(c);
   c.top_k = 0;
   c.top_p = 0.01f;
-  Sampler p(c);
-  for (int i = 0; i < 20; ++i) {
-    auto l = base;
-    CHECK(p.sample(l, {}) == 1);
-  }
+  always_picks_argmax(c);
   c.top_k = 3;
   c.top_p = 1.0f;
   c.temperature = 5.0f;  // flat: every kept token shows up
