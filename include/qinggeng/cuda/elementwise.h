@@ -31,4 +31,17 @@ void scaled_add(const __half* a, float alpha, const __half* b, std::int64_t coun
 void gather_rows(const __half* x, std::int64_t x_rows, std::int64_t cols,
                  const std::int64_t* rows, std::int64_t n, __half* out, cudaStream_t stream);
 
+/// \brief out = gelu_tanh(x) over `count` values (the training forward keeps x for the
+/// backward, so the result goes elsewhere).
+void gelu_tanh_out(const __half* x, std::int64_t count, __half* out, cudaStream_t stream);
+
+/// \brief dx = gelu_tanh'(x) * dy over `count` values; x is the gelu input. dx may alias dy.
+void gelu_tanh_backward(const __half* x, const __half* dy, std::int64_t count, __half* dx,
+                        cudaStream_t stream);
+
+/// \brief Backward of `embedding`: dtable[ids[i]] += dout[i] (fp32 atomics), i < n.
+/// ids outside [0, vocab) are skipped. \param dtable float [vocab, cols]
+void embedding_backward(const int* ids, std::int64_t n, const __half* dout, std::int64_t vocab,
+                        std::int64_t cols, float* dtable, cudaStream_t stream);
+
 }  // namespace qg::cuda

@@ -1,0 +1,51 @@
+// LoRA of a training step on the GPU: the adapted linear's extra term with inverted dropout,
+// y += scale * dropout(x) A^T B^T, and its backward into dx, dA and dB. The factors are the
+// fp32 master copies the optimizer updates (tiny: rank x in, out x rank), read directly by the
+// kernels; activations are fp16 with fp32 accumulation; nothing larger than [tokens, rank] is
+// formed. The dropout mask is the counter-based one of reference_backward.h (dropout_keep:
+// splitmix64 of the seed and the element index t * in + i), so CPU and GPU draw the same mask
+// and the backward redraws it instead of storing it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace qg::cuda {
+
+/// \brief One adapted linear of a training step.
+struct LoraTrainShape {
+  std::int64_t tokens = 0;
+  std::int64_t in = 0;     ///< multiple of 8
+  std::int64_t out = 0;    ///< multiple of 8
+  std::int64_t rank = 0;   ///< 1..64
+  float scale = 1.0f;      ///< lora_alpha / r
+  float dropout = 0.0f;    ///< drop probability in [0, 1); 0 disables dropout
+  std::uint64_t seed = 0;  ///< the mask (reference_backward.h's LoraShape::seed)
+};
+
+/// \brief Scratch bytes lora_train_forward / lora_train_backward need for `shape`.
+std::size_t lora_train_workspace_bytes(const LoraTrainShape& shape);
+
+/// \brief u = dropout(x) A^T (fp32, unscaled, kept for the backward), then
+/// y += scale * u B^T (fp16, rounded once).
+/// \param x fp16 [tokens, in];  a float [rank, in];  b float [out, rank]
+/// \param y fp16 [tokens, out], updated in place;  u float [tokens, rank], overwritten
+/// \throws qg::Error for bad sizes, null pointers or a short workspace.
+void lora_train_forward(const __half* x, const float* a, const float* b,
+                        const LoraTrainShape& shape, __half* y, float* u, void* workspace,
+                        std::size_t workspace_bytes, cudaStream_t stream);
+
+/// \brief Backward with v = dy B (fp32 [tokens, rank]):
+///   db += scale * dy^T u;  da += scale * v^T dropout(x);  dx += dropout'(scale * v A)
+/// where dropout' zeroes dropped elements and scales kept ones by 1 / (1 - p).
+/// \param dx fp16 [tokens, in] updated in place, or null;  da [rank, in], db [out, rank]
+///        float, accumulated, either may be null
+void lora_train_backward(const __half* x, const float* a, const float* b, const float* u,
+                         const __half* dy, const LoraTrainShape& shape, __half* dx, float* da,
+                         float* db, void* workspace, std::size_t workspace_bytes,
+                         cudaStream_t stream);
+
+}  // namespace qg::cuda
