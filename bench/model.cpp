@@ -2,7 +2,9 @@
 // hidden 4096, vocab 130528, fp16): decode ms/token at batch 1/4/16/64 with prompts of 128 and
 // 1024 tokens, prefill tokens/s at 1024 and 2048, and the memory the run held. Decode is also
 // expressed as weight bytes read per second against the measured copy bandwidth (the roofline
-// of batch-1 decode). Times are wall-clock per forward call, logits copied to the host included.
+// of batch-1 decode). Times are wall-clock per call; a decode step is the forward plus greedy
+// sampling on the GPU (only token ids reach the host), with the step replayed from a CUDA graph
+// or launched op by op (third argument 1 / 0); prefill copies its logits to the host.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
@@ -60,7 +62,9 @@ double used_gib() {
 void BM_ModelDecode(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
   const int prompt = static_cast<int>(state.range(1));
+  const bool graphs = state.range(2) != 0;
   auto& model = model_6b();
+  model.backend().set_decode_graphs(graphs);
   const auto& c = model.config();
   std::vector<std::unique_ptr<qg::model::KvCache>> caches;
   std::vector<qg::text::GlmLayout> layouts;
@@ -69,26 +73,37 @@ void BM_ModelDecode(benchmark::State& state) {
     std::vector<qg::model::SequenceChunk> chunks;
     for (int i = b; i < std::min(batch, b + 4); ++i) {
       const auto ids = prompt_ids(prompt, i);
-      caches.push_back(model.new_kv_cache(prompt + 64));
+      caches.push_back(model.new_kv_cache(prompt + 64));  // 3 warm-up + 12 timed steps
       layouts.push_back(qg::text::GlmLayout::from_ids(ids, c.bos_token_id, c.mask_token_id, c.gmask_token_id));
       chunks.push_back(qg::engine::layout_chunk(layouts.back(), *caches.back(), ids, false));
     }
     model.forward(chunks);
   }
-  std::vector<double> step_ms;
-  int token = 100;
-  for (auto _ : state) {
+  // Greedy sampling on the device: the step's output is `batch` token ids.
+  qg::engine::SamplingConfig greedy;
+  greedy.do_sample = false;
+  const std::vector<qg::engine::SamplingConfig> configs(static_cast<std::size_t>(batch), greedy);
+  const std::vector<const std::vector<int>*> histories(static_cast<std::size_t>(batch), nullptr);
+  const std::vector<std::uint64_t> steps(static_cast<std::size_t>(batch), 0);
+  std::vector<int> next(static_cast<std::size_t>(batch), 100);
+  auto decode_step = [&] {
     std::vector<qg::model::SequenceChunk> step;
     for (int i = 0; i < batch; ++i) {
-      step.push_back(qg::engine::layout_chunk(layouts[static_cast<std::size_t>(i)], *caches[static_cast<std::size_t>(i)], {token}, false));
+      const auto u = static_cast<std::size_t>(i);
+      step.push_back(qg::engine::layout_chunk(layouts[u], *caches[u], {next[u]}, false));
     }
+    next = model.backend().sample_tokens(model.forward_logits(step), configs, histories, steps);
+  };
+  for (int i = 0; i < 3; ++i) decode_step();  // warm-up: a graph is measured and captured here
+  std::vector<double> step_ms;
+  for (auto _ : state) {
     const auto t0 = Clock::now();
-    benchmark::DoNotOptimize(model.forward(step));
+    decode_step();
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     state.SetIterationTime(ms / 1e3);
     step_ms.push_back(ms);
-    ++token;
   }
+  model.backend().set_decode_graphs(true);
   const double ms = qg::bench::median(step_ms);
   const double weight_gbps = static_cast<double>(model.weight_bytes()) / (ms / 1e3) / 1e9;
   // Decode at batch 1 only reads weights, so the copy's bytes moved (read + write) per second
@@ -99,8 +114,8 @@ void BM_ModelDecode(benchmark::State& state) {
   state.counters["weight_GBps"] = weight_gbps;
   qg::bench::table_row(
       "Model decode (ChatGLM-6B shapes, random weights, " + weight_format() + ")",
-      {"batch x prompt", "ms / step", "tokens / s", "weight GB/s", "% of copy BW", "GPU GiB used"},
-      {std::to_string(batch) + " x " + std::to_string(prompt), qg::bench::cell(ms, 2),
+      {"batch x prompt", "CUDA graph", "ms / step", "tokens / s", "weight GB/s", "% of copy BW", "GPU GiB used"},
+      {std::to_string(batch) + " x " + std::to_string(prompt), graphs ? "on" : "off", qg::bench::cell(ms, 2),
        qg::bench::cell(batch / (ms / 1e3), 0), qg::bench::cell(weight_gbps, 0),
        qg::bench::cell(100 * weight_gbps / copy_gbps, 1), qg::bench::cell(used_gib(), 1)});
 }
@@ -131,7 +146,7 @@ void BM_ModelPrefill(benchmark::State& state) {
 
 BENCHMARK(BM_ModelPrefill)->Arg(1024)->Arg(2048)->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ModelDecode)
-    ->ArgsProduct({{1, 4, 16, 64}, {128, 1024}})
+    ->ArgsProduct({{1, 4, 16, 64}, {128, 1024}, {1, 0}})
     ->Iterations(12)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);

@@ -30,6 +30,30 @@ struct Partials {
   float* sum;
 };
 
+/// How the keys of every (sequence, head) are split: enough splits to give every
+/// multiprocessor a few blocks (`wanted`, from the batch and device size), but no split
+/// shorter than kMinKeysPerSplit keys (below that the combine costs more than it saves).
+/// Computed on the host for the grid and again on the device from the (possibly device-side)
+/// max_kv_len, so a graph replay splits exactly like a direct launch. `bound` (the split
+/// count before rounding to whole keys_per_split) never decreases with max_kv_len and is
+/// >= splits, so the bound of a capacity covers every shorter length.
+struct Split {
+  int splits, keys_per_split, bound;
+};
+__host__ __device__ inline Split split_keys(int max_kv_len, int wanted) {
+  const int max_useful = (max_kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
+  int splits = wanted < max_useful ? wanted : max_useful;
+  splits = splits < kMaxSplits ? splits : kMaxSplits;
+  splits = splits > 1 ? splits : 1;
+  const int keys_per_split = max_kv_len > 0 ? (max_kv_len + splits - 1) / splits : 1;
+  return Split{(max_kv_len + keys_per_split - 1) / keys_per_split, keys_per_split, splits};
+}
+
+/// The max_kv_len the kernels split by: the device value when the batch carries one.
+__device__ inline int split_length(const AttentionBatch& b) {
+  return b.max_kv_len_on_device ? *b.max_kv_len_on_device : b.max_kv_len;
+}
+
 Partials partials_of(float* ws, int num_seqs, int num_heads, int head_dim) {
   const std::size_t slots = static_cast<std::size_t>(num_seqs) * num_heads * kMaxSplits;
   return Partials{ws, ws + slots * head_dim, ws + slots * head_dim + slots};
@@ -40,13 +64,16 @@ Partials partials_of(float* ws, int num_seqs, int num_heads, int head_dim) {
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     decode_split_kernel(AttentionBatch b, PagedKvLayer kv, const __half* __restrict__ q_rows,
-                        Partials part, int keys_per_split, float scale_log2) {
+                        Partials part, int wanted_splits, float scale_log2) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerWarp = 32 / kLanesPerKey;
   constexpr int kGroups = kWarps * kKeysPerWarp;  // independent softmax states per block
   __shared__ float s_max[kGroups], s_sum[kGroups], s_acc[kGroups][D];
 
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const Split sp = split_keys(split_length(b), wanted_splits);
+  if (split >= sp.splits) return;  // surplus block of a capacity-sized grid
+  const int keys_per_split = sp.keys_per_split;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, part8 = lane % kLanesPerKey;
   const int group = warp * kKeysPerWarp + sub;
@@ -153,9 +180,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int D>
-__global__ void decode_combine_kernel(AttentionBatch b, int num_heads, Partials part, int splits,
-                                      __half* __restrict__ out) {
+__global__ void decode_combine_kernel(AttentionBatch b, int num_heads, Partials part,
+                                      int wanted_splits, __half* __restrict__ out) {
   const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+  const int splits = split_keys(split_length(b), wanted_splits).splits;
   const std::size_t base = (static_cast<std::size_t>(seq) * num_heads + head) * kMaxSplits;
   float global_max = -INFINITY;
   for (int s = 0; s < splits; ++s) global_max = fmaxf(global_max, part.max[base + s]);
@@ -174,20 +202,17 @@ __global__ void decode_combine_kernel(AttentionBatch b, int num_heads, Partials 
 template <int D>
 void launch_decode(const AttentionBatch& b, const PagedKvLayer& kv, __half* out, float* ws,
                    int num_sms, cudaStream_t stream) {
-  // Enough splits to give every multiprocessor a few blocks, but no split shorter than
-  // kMinKeysPerSplit keys (below that the combine costs more than it saves).
   const int pairs = b.num_seqs * kv.num_heads;
   const int wanted = (4 * std::max(num_sms, 1) + pairs - 1) / pairs;
-  const int max_useful = (b.max_kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
-  int splits = std::max(1, std::min({wanted, max_useful, kMaxSplits}));
-  const int keys_per_split = (b.max_kv_len + splits - 1) / splits;
-  splits = (b.max_kv_len + keys_per_split - 1) / keys_per_split;
+  // With a device-side length, max_kv_len is a capacity: size the grid by its bound.
+  const Split host = split_keys(b.max_kv_len, wanted);
+  const int grid_splits = b.max_kv_len_on_device ? host.bound : host.splits;
   const Partials part = partials_of(ws, b.num_seqs, kv.num_heads, D);
-  decode_split_kernel<D><<<dim3(splits, kv.num_heads, b.num_seqs), kThreads, 0, stream>>>(
-      b, kv, out, part, keys_per_split, attn::softmax_scale_log2(D));
+  decode_split_kernel<D><<<dim3(grid_splits, kv.num_heads, b.num_seqs), kThreads, 0, stream>>>(
+      b, kv, out, part, wanted, attn::softmax_scale_log2(D));
   QG_CUDA_CHECK(cudaGetLastError());
   decode_combine_kernel<D><<<dim3(kv.num_heads, b.num_seqs), D, 0, stream>>>(
-      b, kv.num_heads, part, splits, out);
+      b, kv.num_heads, part, wanted, out);
   QG_CUDA_CHECK(cudaGetLastError());
 }
 

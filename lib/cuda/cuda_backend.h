@@ -18,6 +18,11 @@ struct CudaBackendOptions {
   int max_adapters = 8;            ///< runtime LoRA adapter ids [0, max_adapters)
   bool quantize = false;           ///< store the layers' four linear weights quantized
   tensor::QuantScheme quant_scheme = tensor::QuantScheme::Int8PerChannel;
+  /// Replay decode steps (every sequence one new token) of up to max_graph_rows sequences from
+  /// CUDA graphs captured per batch size; the environment variable QG_CUDA_GRAPHS=0 turns it
+  /// off, as does QG_CUDA_PROFILE (per-op timing needs the ops launched one by one).
+  bool decode_graphs = true;
+  int max_graph_rows = 64;
 };
 
 std::unique_ptr<Backend> make_cuda_backend(int device, const CudaBackendOptions& options = {});

@@ -43,6 +43,11 @@ struct AttentionBatch {
   const int* positions = nullptr;        ///< [total_tokens] first rotary position
   const int* block_positions = nullptr;  ///< [total_tokens] second rotary position
   const int* block_tables = nullptr;     ///< [num_seqs, max_blocks] block ids, -1 padded
+  /// [1] optional, for replayable launches (CUDA graphs): when set, attention_decode splits
+  /// the keys by this device value, and max_kv_len (on the host) is only an upper bound that
+  /// sizes the grid; surplus split blocks exit at once. The split of a given length is the
+  /// same either way, so results are bit-identical to a launch with the exact max_kv_len.
+  const int* max_kv_len_on_device = nullptr;
 };
 
 /// \brief One sequence's part of a batched attention call, on the host.
@@ -101,6 +106,9 @@ std::size_t attention_decode_workspace_floats(int num_seqs, int num_heads, int h
 /// \brief Step 3: one new token per sequence (batch.max_new_tokens must be 1), split-KV.
 /// \param workspace device floats, attention_decode_workspace_floats(...) of them
 /// \param num_sms multiprocessors of the device (sizes the splits; cache it per device)
+/// The grid depends only on num_seqs, the heads and max_kv_len, so with
+/// batch.max_kv_len_on_device set to a fixed buffer and max_kv_len to a capacity, one launch
+/// can be captured in a CUDA graph and replayed for any length up to that capacity.
 void attention_decode(const AttentionBatch& batch, const PagedKvLayer& kv, __half* out,
                       float* workspace, int num_sms, cudaStream_t stream);
 

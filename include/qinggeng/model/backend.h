@@ -128,6 +128,9 @@ class Backend {
     (void)num_layers;
     (void)shape;
   }
+  /// \brief Turns the replay of decode steps from captured CUDA graphs on or off (a backend
+  /// without graphs ignores it). Results are identical either way; off is for comparisons.
+  virtual void set_decode_graphs(bool enabled) { (void)enabled; }
   /// \brief True when sample_tokens runs on the device (then only token ids leave it).
   virtual bool samples_on_device() const { return false; }
   /// \brief Picks one token per row of `logits` [rows, vocab] (a logits_buffer tensor) with
