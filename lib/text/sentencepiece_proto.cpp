@@ -20,6 +20,17 @@ void put_varint(std::string& out, std::uint64_t value) {
   out.push_back(static_cast<char>(value));
 }
 
+// Reads a varint at `at`; false when the bytes end first.
+bool get_varint(std::string_view in, std::size_t& at, std::uint64_t& value) {
+  value = 0;
+  for (int shift = 0; shift < 64 && at < in.size(); shift += 7) {
+    const auto byte = static_cast<unsigned char>(in[at++]);
+    value |= static_cast<std::uint64_t>(byte & 0x7f) << shift;
+    if ((byte & 0x80) == 0) return true;
+  }
+  return false;
+}
+
 void put_tag(std::string& out, std::uint32_t field, std::uint32_t wire_type) {
   put_varint(out, (static_cast<std::uint64_t>(field) << 3) | wire_type);
 }
@@ -64,6 +75,36 @@ void append_byte_fallback(std::string& model) {
 std::string byte_piece_name(unsigned char byte) {
   static const char kHex[] = "0123456789ABCDEF";
   return std::string("<0x") + kHex[byte >> 4] + kHex[byte & 0xf] + ">";
+}
+
+bool has_top_level_field(std::string_view model, std::uint32_t field) {
+  bool found = false;
+  std::size_t at = 0;
+  while (at < model.size()) {
+    std::uint64_t tag = 0, value = 0;
+    if (!get_varint(model, at, tag)) return false;
+    switch (tag & 7) {
+      case kVarint:
+        if (!get_varint(model, at, value)) return false;
+        break;
+      case 1:  // fixed64
+        if (model.size() - at < 8) return false;
+        at += 8;
+        break;
+      case kLengthDelimited:
+        if (!get_varint(model, at, value) || value > model.size() - at) return false;
+        at += static_cast<std::size_t>(value);
+        break;
+      case kFixed32:
+        if (model.size() - at < 4) return false;
+        at += 4;
+        break;
+      default:
+        return false;
+    }
+    found = found || (tag >> 3) == field;
+  }
+  return found;
 }
 
 }  // namespace qg::text::proto

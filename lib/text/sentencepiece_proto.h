@@ -5,6 +5,7 @@
 // model. Only the few fields the ChatGLM loader needs are encoded here.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -26,6 +27,15 @@ void append_piece(std::string& model, std::string_view piece, PieceType type, fl
 /// Appends a ModelProto `trainer_spec` (field 2) holding byte_fallback (field 35) = true; the
 /// parser merges it into the model's existing trainer_spec.
 void append_byte_fallback(std::string& model);
+
+/// Whether `model` (a serialized ModelProto) has a top-level field `field`, scanning its wire
+/// format; false also when the bytes are not well-formed protobuf (cut inside a field).
+/// A spm_train model always ends with normalizer_spec (field 3), so its absence exposes a
+/// file truncated exactly between two `pieces` entries, which still parses as a smaller model.
+bool has_top_level_field(std::string_view model, std::uint32_t field);
+
+/// ModelProto's normalizer_spec field number.
+inline constexpr std::uint32_t kModelNormalizerSpec = 3;
 
 /// "<0x0A>"-style name of the byte piece for `byte`, as sentencepiece spells it.
 std::string byte_piece_name(unsigned char byte);

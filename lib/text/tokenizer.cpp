@@ -39,6 +39,8 @@ std::string read_model_file(const fs::path& file) {
 
 std::unique_ptr<sentencepiece::SentencePieceProcessor> parse_model(const std::string& bytes,
                                                                    const fs::path& file) {
+  QG_CHECK(proto::has_top_level_field(bytes, proto::kModelNormalizerSpec), file.string(),
+           ": not a complete sentencepiece model (truncated, or no normalizer_spec)");
   auto sp = std::make_unique<sentencepiece::SentencePieceProcessor>();
   const auto status = sp->LoadFromSerializedProto(bytes);
   QG_CHECK(status.ok(), file.string(), ": not a sentencepiece model (", status.ToString(), ")");
