@@ -42,9 +42,23 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
 
 
-def forward(weights, cfg, ids):
-    """Logits [n, vocab] in float32 for one sequence of token ids."""
+def forward(weights, cfg, ids, lora=None):
+    """Logits [n, vocab] in float32 for one sequence of token ids.
+
+    lora: optional {(layer, module): (A, B, scale)} with module one of query_key_value, dense,
+    dense_h_to_4h, dense_4h_to_h; the adapted linear then adds scale * x A^T B^T (no dropout).
+    The result is differentiable with respect to the A and B tensors.
+    """
     w = {k: v.to(torch.float32) for k, v in weights.items()}
+    lora = lora or {}
+
+    def linear(x, layer, module, weight, bias):
+        y = x @ weight.T + bias
+        if (layer, module) in lora:
+            a, b, scale = lora[(layer, module)]
+            y = y + scale * (x @ a.T) @ b.T
+        return y
+
     H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     hd = H // nh
     eps = cfg["layernorm_epsilon"]
@@ -58,7 +72,8 @@ def forward(weights, cfg, ids):
     for i in range(cfg["num_layers"]):
         p = f"transformer.layers.{i}."
         a = torch.nn.functional.layer_norm(x, (H,), w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps)
-        qkv = a @ w[p + "attention.query_key_value.weight"].T + w[p + "attention.query_key_value.bias"]
+        qkv = linear(a, i, "query_key_value", w[p + "attention.query_key_value.weight"],
+                     w[p + "attention.query_key_value.bias"])
         qkv = qkv.view(n, nh, 3 * hd)
         q, k, v = qkv[..., :hd], qkv[..., hd:2 * hd], qkv[..., 2 * hd:]
         half = hd // 2
@@ -68,12 +83,13 @@ def forward(weights, cfg, ids):
         scores = scores.masked_fill(~allowed[None], -10000.0)
         probs = torch.softmax(scores, dim=-1)
         ctx_out = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, H)
-        o = ctx_out @ w[p + "attention.dense.weight"].T + w[p + "attention.dense.bias"]
+        o = linear(ctx_out, i, "dense", w[p + "attention.dense.weight"], w[p + "attention.dense.bias"])
         h = a * alpha + o
         m = torch.nn.functional.layer_norm(h, (H,), w[p + "post_attention_layernorm.weight"],
                                            w[p + "post_attention_layernorm.bias"], eps)
-        y = gelu_tanh(m @ w[p + "mlp.dense_h_to_4h.weight"].T + w[p + "mlp.dense_h_to_4h.bias"])
-        y = y @ w[p + "mlp.dense_4h_to_h.weight"].T + w[p + "mlp.dense_4h_to_h.bias"]
+        y = gelu_tanh(linear(m, i, "dense_h_to_4h", w[p + "mlp.dense_h_to_4h.weight"],
+                             w[p + "mlp.dense_h_to_4h.bias"]))
+        y = linear(y, i, "dense_4h_to_h", w[p + "mlp.dense_4h_to_h.weight"], w[p + "mlp.dense_4h_to_h.bias"])
         x = m * alpha + y
     x = torch.nn.functional.layer_norm(x, (H,), w["transformer.final_layernorm.weight"],
                                        w["transformer.final_layernorm.bias"], eps)
