@@ -1,15 +1,28 @@
 // GPU token sampling (see include/qinggeng/cuda/sampling.h).
 //
-// One 512-thread block per row. Order of the candidates is the CPU Sampler's: by scaled
-// logit, descending, ties by lower index; it is encoded in a unique 64-bit key (order-
-// preserving logit bits above, the complemented index below), so every cut is one key.
-// Probability mass is fixed point (exp(l - max) * 2^44 as an integer): shared-memory atomics
-// on integers are order-independent, so results are reproducible bit for bit, and tokens
-// below 2^-44 of the top token (never drawn in practice) weigh exactly zero.
+// Order of the candidates is the CPU Sampler's: by scaled logit, descending, ties by lower
+// index; it is encoded in a unique 64-bit key (order-preserving logit bits above, the
+// complemented index below), so every cut is one key. Probability mass is fixed point
+// (exp(l - max) * 2^44 as an integer): integer sums are order-independent, so results are
+// reproducible bit for bit whatever the grid, and tokens below 2^-44 of the top token (never
+// drawn in practice) weigh exactly zero.
 // Each search (the k-th token, the token where cumulative mass reaches top_p, the drawn token)
-// walks a 2048-bucket histogram over 64 * (max - l) built in one pass; the bucket it lands in
-// is gathered and ranked in shared memory. A bucket of more than 2048 tokens (a flat row, many
-// exact ties) is first narrowed by 11-bit radix passes over the key.
+// walks a 2048-bucket histogram over 64 * (max - l); the bucket it lands in is gathered and
+// ranked in shared memory. A bucket of more than 2048 tokens (a flat row, many exact ties) is
+// first narrowed by 11-bit radix passes over the key.
+//
+// Two launch forms compute the same ids:
+// - one block per row (`sample_rows_kernel`, no workspace): the block reads its row once for
+//   the maximum, once for the histogram and once per gathered bucket;
+// - a row split over several blocks (`chunk_maximum_kernel`, `chunk_histogram_kernel`,
+//   `chunk_gather_kernel`, with a workspace): each block handles one chunk of the row for the
+//   maximum, the histogram (summed into the row's in the workspace with global atomics) and
+//   the gather of the buckets the searches will land in (predicted from the histogram alone by
+//   the histogram's last block) into a candidate list; the gather's last block of each row
+//   then runs the same searches as the single-block form, reading buckets from the candidate
+//   list instead of the row. A bucket the prediction missed is gathered from the row by that
+//   one block (slower, same result).
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -32,6 +45,12 @@ constexpr float kMassScale = 17592186044416.0f;  // 2^44
 constexpr int kRadixBits = 11;
 constexpr int kItems = kBins / kThreads;  // histogram bins per thread in a scan
 static_assert(kBins % kThreads == 0 && kWarps <= 32, "scan layout");
+
+// The split form.
+constexpr int kMaxSplits = 256;      // blocks per row at most
+constexpr int kMinChunk = 1024;      // tokens per block at least
+constexpr int kChunkAlign = 128;     // chunk starts: whole bitmap words, aligned 16-byte loads
+constexpr int kCandidateCap = 4096;  // tokens of predicted buckets gathered per row
 
 using u64 = unsigned long long;
 
@@ -83,6 +102,11 @@ struct Bins {
     }
     if (hi) atomicAdd(&mass_hi[j], hi);
   }
+  __device__ void set(int j, unsigned int c, u64 m) {
+    count[j] = c;
+    mass_lo[j] = static_cast<unsigned int>(m);
+    mass_hi[j] = static_cast<unsigned int>(m >> 32);
+  }
   __device__ Tally at(int j) const {
     return {count[j], (static_cast<u64>(mass_hi[j]) << 32) + mass_lo[j]};
   }
@@ -103,6 +127,29 @@ struct Shared {
   float warp_best[kWarps];
   int warp_best_index[kWarps];
   unsigned int list_size;
+  unsigned int wanted[kBins / 32];  // split form: buckets held in the candidate list
+  unsigned int ticket;              // split form: this block's arrival order in its row
+};
+
+/// One chunk's maximum, as chunk_maximum_kernel leaves it for the later passes.
+struct ChunkBest {
+  float value;
+  int index;
+  int bad;  // a non-finite input value in the chunk
+};
+
+/// The split form's per-row scratch in the workspace. Cleared by chunk_maximum_kernel on each
+/// call (nothing carries over between calls).
+struct RowScratch {
+  u64 mass[kBins];  // the row's histogram: fixed-point mass and token count per bucket
+  unsigned int count[kBins];
+  u64 candidates[kCandidateCap];  // keys of the tokens in the wanted buckets, unordered
+  ChunkBest chunks[kMaxSplits];
+  ChunkBest replaced;               // the maximum of the replaced row (chunk 0 holds tokens 0..5)
+  unsigned int wanted[kBins / 32];  // bitmap of the buckets the gather collects
+  unsigned int histogram_arrivals;  // tickets: the last block of a pass finishes the row
+  unsigned int gather_arrivals;
+  unsigned int candidate_count;
 };
 
 // ---- device helpers ----
@@ -149,6 +196,13 @@ __device__ u64 random_bits(u64 seed, u64 step) {
   return mix64(mix64(seed + 0x9e3779b97f4a7c15ull) + step * 0xd1b54a32d192ed03ull);
 }
 
+/// The mass the top-p cut must reach: the CPU keeps the shortest prefix with
+/// (mass / kept total) >= top_p.
+__device__ u64 top_p_target(float top_p, u64 kept_mass) {
+  const double want = ceil(static_cast<double>(top_p) * static_cast<double>(kept_mass));
+  return want < 1.0 ? 1ull : static_cast<u64>(want);
+}
+
 /// The row as the CPU Sampler sees it after its in-place edits (non-finite replacement,
 /// repetition penalty, temperature), computed on the fly from the unmodified input.
 struct RowView {
@@ -159,24 +213,27 @@ struct RowView {
   float penalty;
   bool scale;
   float temperature;
-  const unsigned int* seen;
+  const unsigned int* seen;  // bit i - 32 * seen_first_word: token i is in the history
+  int seen_first_word;
 
   __device__ float logit(int i, float raw) const {
     float v = replaced ? (i == 5 && vocab > 5 ? 5e4f : 0.0f) : raw;
-    if (penalise && (seen[i >> 5] >> (i & 31) & 1u)) v = v < 0 ? v * penalty : v / penalty;
+    if (penalise && (seen[(i >> 5) - seen_first_word] >> (i & 31) & 1u)) {
+      v = v < 0 ? v * penalty : v / penalty;
+    }
     if (scale) v = v / temperature;
     return v == 0.0f ? 0.0f : v;  // -0 ranks equal to +0, as in the CPU's comparisons
   }
 
-  /// Calls fn(i, raw) for every token this thread owns. Each thread issues kLoads loads
-  /// before using any (16-byte ones when aligned): one block streams a whole row, and only
-  /// many bytes in flight per SM hide the memory latency.
+  /// Calls fn(i, raw) for every token in [begin, end) this thread owns (begin a multiple of
+  /// 4). Each thread issues kLoads loads before using any (16-byte ones when aligned): only
+  /// many bytes in flight per SM hide the memory latency when one block streams a whole row.
   template <typename Fn>
-  __device__ void for_each(Fn fn) const {
+  __device__ void for_each(int begin, int end, Fn fn) const {
     constexpr int kLoads = 8;
     if (vocab % 4 == 0 && (reinterpret_cast<std::uintptr_t>(x) & 15) == 0) {
-      const float4* x4 = reinterpret_cast<const float4*>(x);
-      const int n4 = vocab / 4;
+      const float4* x4 = reinterpret_cast<const float4*>(x + begin);
+      const int n4 = (end - begin) / 4;
       for (int base = threadIdx.x; base < n4; base += kLoads * kThreads) {
         float4 q[kLoads];
 #pragma unroll
@@ -187,28 +244,117 @@ struct RowView {
         for (int u = 0; u < kLoads; ++u) {
           const int v = base + u * kThreads;
           if (v >= n4) break;
-          fn(4 * v, q[u].x);
-          fn(4 * v + 1, q[u].y);
-          fn(4 * v + 2, q[u].z);
-          fn(4 * v + 3, q[u].w);
+          const int i = begin + 4 * v;
+          fn(i, q[u].x);
+          fn(i + 1, q[u].y);
+          fn(i + 2, q[u].z);
+          fn(i + 3, q[u].w);
         }
       }
     } else {
-      for (int base = threadIdx.x; base < vocab; base += 4 * kLoads * kThreads) {
+      for (int base = begin + threadIdx.x; base < end; base += 4 * kLoads * kThreads) {
         float q[4 * kLoads];
 #pragma unroll
         for (int u = 0; u < 4 * kLoads; ++u) {
-          if (base + u * kThreads < vocab) q[u] = __ldg(x + base + u * kThreads);
+          if (base + u * kThreads < end) q[u] = __ldg(x + base + u * kThreads);
         }
 #pragma unroll
         for (int u = 0; u < 4 * kLoads; ++u) {
-          if (base + u * kThreads >= vocab) break;
+          if (base + u * kThreads >= end) break;
           fn(base + u * kThreads, q[u]);
         }
       }
     }
   }
+  template <typename Fn>
+  __device__ void for_each(Fn fn) const {
+    for_each(0, vocab, fn);
+  }
 };
+
+/// Builds the seen-token bitmap of tokens [begin, end) (begin a multiple of 32) in `seen` and
+/// points `row` at it. Block-wide (contains barriers).
+__device__ void build_seen(RowView& row, const SamplingRow& p, const int* history, int begin,
+                           int end, unsigned int* seen) {
+  if (!row.penalise) return;
+  const int first = begin >> 5, words = ((end + 31) >> 5) - first;
+  __syncthreads();  // the bitmap may still be read by a previous pass
+  for (int w = threadIdx.x; w < words; w += kThreads) seen[w] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < p.history_length; j += kThreads) {
+    const int t = history[p.history_begin + j];
+    if (t >= begin && t < end) atomicOr(&seen[(t >> 5) - first], 1u << (t & 31));
+  }
+  __syncthreads();
+  row.seen = seen;
+  row.seen_first_word = first;
+}
+
+__device__ RowView make_row_view(const float* logits, int vocab, const SamplingRow& p,
+                                 bool penalties) {
+  return RowView{logits,
+                 vocab,
+                 false,
+                 p.repetition_penalty != 1.0f && penalties,
+                 p.repetition_penalty,
+                 p.do_sample != 0,
+                 p.temperature,
+                 nullptr,
+                 0};
+}
+
+/// A maximum with its index (first on ties) and whether a non-finite input was seen.
+struct Best {
+  float value;
+  int index;
+  bool bad;
+};
+
+__device__ void keep_better(float& v, int& vi, float ov, int oi) {
+  if (ov > v || (ov == v && oi < vi)) {
+    v = ov;
+    vi = oi;
+  }
+}
+
+/// The block's best of every thread's (v, vi, bad). Uniform result.
+__device__ Best block_best(float v, int vi, bool bad, Shared& s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off /= 2) {
+    keep_better(v, vi, __shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, vi, off));
+  }
+  __syncthreads();  // warp_best may still be read by a previous call
+  if (lane == 0) {
+    s.warp_best[warp] = v;
+    s.warp_best_index[warp] = vi;
+  }
+  const bool any_bad = __syncthreads_or(bad) != 0;
+  Best best{s.warp_best[0], s.warp_best_index[0], any_bad};
+  for (int w = 1; w < kWarps; ++w)
+    keep_better(best.value, best.index, s.warp_best[w], s.warp_best_index[w]);
+  return best;
+}
+
+/// Maximum of the row's tokens [begin, end).
+__device__ Best range_best(const RowView& row, int begin, int end, Shared& s) {
+  float v = -INFINITY;
+  int vi = 0x7fffffff;
+  bool bad = false;
+  row.for_each(begin, end, [&](int i, float raw) {
+    bad |= !isfinite(raw);
+    keep_better(v, vi, row.logit(i, raw), i);
+  });
+  return block_best(v, vi, bad, s);
+}
+
+/// Maximum of the replaced row (all zero except token 5): only tokens 0..5 can hold it.
+__device__ Best replaced_best(RowView row) {
+  row.replaced = true;
+  float v = -INFINITY;
+  int vi = 0x7fffffff;
+  for (int i = 0; i < row.vocab && i < 6; ++i) keep_better(v, vi, row.logit(i, 0.0f), i);
+  return Best{v, vi, true};
+}
 
 /// Exclusive prefix sum of one Tally per thread, in thread order; also sets s.grand_total.
 __device__ Tally block_exclusive_scan(Tally v, Shared& s) {
@@ -267,10 +413,18 @@ __device__ Crossing find_crossing(int n, Values values, bool by_mass, u64 target
 }
 
 /// Per-row search state: the row, its maximum, and which region the ranked list holds.
+/// In the split form, buckets marked in s.wanted are read from the candidate list, and the
+/// row's seen bitmap covers only the block's chunk until a search needs the whole row.
 struct Searcher {
-  const RowView& row;
+  RowView& row;
   float max_logit;
   Shared& s;
+  const SamplingRow& params;
+  const int* history;
+  unsigned int* seen;     // room for the whole row's bitmap
+  bool seen_covers_row;   // false while row.seen holds only the block's chunk
+  const u64* candidates;  // null in the single-block form
+  int candidate_count;
   Region loaded{-1, 64, 0};
 
   /// The first-level histogram as find_crossing's item values.
@@ -279,9 +433,16 @@ struct Searcher {
     return [sh](int j) { return sh->buckets.at(j); };
   }
 
+  /// Makes the seen bitmap cover the whole row (before a scan of the row).
+  __device__ void whole_row_seen() {
+    if (!seen_covers_row) build_seen(row, params, history, 0, row.vocab, seen);
+    seen_covers_row = true;
+  }
+
   /// Calls fn(logit, key) for every token of region `r` this thread owns.
   template <typename Fn>
-  __device__ void for_each_in(const Region& r, Fn fn) const {
+  __device__ void for_each_in(const Region& r, Fn fn) {
+    whole_row_seen();
     const float m = max_logit;
     const RowView& v = row;
     v.for_each([&](int i, float raw) {
@@ -326,10 +487,18 @@ struct Searcher {
     __syncthreads();
     const float m = max_logit;
     Shared& sh = s;
-    for_each_in(r, [&](float, u64 key) {
+    auto append = [&](u64 key) {
       const unsigned int at = atomicAdd(&sh.list_size, 1u);
       if (at < kListCap) sh.u.list.keys[at] = key;
-    });
+    };
+    if (candidates && r.shift >= 64 && (s.wanted[r.bucket >> 5] >> (r.bucket & 31) & 1u)) {
+      for (int j = threadIdx.x; j < candidate_count; j += kThreads) {
+        const u64 key = __ldcg(candidates + j);
+        if (bucket_of(m, key_logit(key)) == r.bucket) append(key);
+      }
+    } else {
+      for_each_in(r, [&](float, u64 key) { append(key); });
+    }
     __syncthreads();
     const int n = s.list_size < kListCap ? static_cast<int>(s.list_size) : kListCap;
     // Keys are unique, so each one's rank is its place; the mass array holds the sorted keys
@@ -382,137 +551,398 @@ struct Searcher {
     through = c.above + c.own;
     return true;
   }
-};
 
-// ---- CUDA kernel ----
-
-__global__ void __launch_bounds__(kThreads, 1)
-    sample_kernel(const float* logits, int vocab, const SamplingRow* rows, int* history,
-                  int seen_words, int* out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  Shared& s = *reinterpret_cast<Shared*>(smem);
-  unsigned int* seen = reinterpret_cast<unsigned int*>(smem + sizeof(Shared));
-  const SamplingRow p = rows[blockIdx.x];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
-  RowView row{logits + static_cast<std::size_t>(blockIdx.x) * vocab,
-              vocab,
-              false,
-              p.repetition_penalty != 1.0f && seen_words > 0,
-              p.repetition_penalty,
-              p.do_sample != 0,
-              p.temperature,
-              seen};
-  if (row.penalise) {
-    for (int w = threadIdx.x; w < seen_words; w += kThreads) seen[w] = 0;
-    __syncthreads();
-    for (int j = threadIdx.x; j < p.history_length; j += kThreads) {
-      const int t = history[p.history_begin + j];
-      if (t >= 0 && t < vocab) atomicOr(&seen[t >> 5], 1u << (t & 31));
-    }
-    __syncthreads();
-  }
-
-  // Pass 1: the maximum (first index on ties), and whether the row must be replaced.
-  float best = 0;
-  int best_index = 0;
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    float v = -INFINITY;
-    int vi = 0x7fffffff;
-    bool bad = false;
-    row.for_each([&](int i, float raw) {
-      bad |= !isfinite(raw);
-      const float l = row.logit(i, raw);
-      if (l > v || (l == v && i < vi)) {
-        v = l;
-        vi = i;
-      }
-    });
-    for (int off = 16; off > 0; off /= 2) {
-      const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-      const int oi = __shfl_xor_sync(0xffffffffu, vi, off);
-      if (ov > v || (ov == v && oi < vi)) {
-        v = ov;
-        vi = oi;
-      }
-    }
-    if (lane == 0) {
-      s.warp_best[warp] = v;
-      s.warp_best_index[warp] = vi;
-    }
-    const bool any_bad = __syncthreads_or(bad) != 0;
-    best = s.warp_best[0];
-    best_index = s.warp_best_index[0];
-    for (int w = 1; w < kWarps; ++w) {
-      const float ov = s.warp_best[w];
-      const int oi = s.warp_best_index[w];
-      if (ov > best || (ov == best && oi < best_index)) {
-        best = ov;
-        best_index = oi;
-      }
-    }
-    __syncthreads();
-    if (!any_bad || row.replaced) break;
-    row.replaced = true;
-  }
-
-  int token = best_index < vocab ? best_index : 0;
-  if (p.do_sample) {
-    // Pass 2: the first-level histogram.
-    s.buckets.clear(kBins);
-    __syncthreads();
-    row.for_each([&](int i, float raw) {
-      const float l = row.logit(i, raw);
-      s.buckets.add(bucket_of(best, l), mass_of(best, l));
-    });
-    __syncthreads();
-    Searcher search{row, best, s};
-
+  /// The sampled token of a row whose histogram is in s.buckets: top-k cut, top-p cut, draw.
+  /// `fallback` (the argmax) when no token can be drawn.
+  __device__ int draw(int fallback) {
+    const SamplingRow& p = params;
     // Cuts are keys: a token is kept when its key is >= cut (0 keeps every token).
-    u64 cut = 0, key = 0, kept_mass = search.total_mass();
+    u64 cut = 0, key = 0, kept_mass = total_mass();
     Tally through{0, 0};
-    if (p.top_k > 0 && p.top_k < vocab &&
-        search.find(false, static_cast<u64>(p.top_k), key, through)) {
+    if (p.top_k > 0 && p.top_k < row.vocab &&
+        find(false, static_cast<u64>(p.top_k), key, through)) {
       cut = key;
       kept_mass = through.mass;
     }
     if (p.top_p < 1.0f) {
-      // The CPU keeps the shortest prefix with (mass / kept total) >= top_p.
-      const double want = ceil(static_cast<double>(p.top_p) * static_cast<double>(kept_mass));
-      const u64 target = want < 1.0 ? 1ull : static_cast<u64>(want);
-      if (search.find(true, target, key, through) && key > cut) {
+      if (find(true, top_p_target(p.top_p, kept_mass), key, through) && key > cut) {
         cut = key;
         kept_mass = through.mass;
       }
     }
     const u64 u = __umul64hi(random_bits(p.seed, p.step), kept_mass);
-    if (kept_mass > 0 && search.find(true, u + 1, key, through) && key >= cut) {
-      token = key_token(key);
-    }
+    if (kept_mass > 0 && find(true, u + 1, key, through) && key >= cut) return key_token(key);
+    return fallback;
   }
+};
+
+__device__ void write_token(const SamplingRow& p, int* history, int* out, int row, int token) {
   if (threadIdx.x == 0) {
-    out[blockIdx.x] = token;
+    out[row] = token;
     if (p.append_at >= 0) history[p.append_at] = token;
   }
 }
 
+// ---- one block per row ----
+
+__global__ void __launch_bounds__(kThreads, 1)
+    sample_rows_kernel(const float* logits, int vocab, const SamplingRow* rows, int* history,
+                       bool penalties, int* out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared& s = *reinterpret_cast<Shared*>(smem);
+  unsigned int* seen = reinterpret_cast<unsigned int*>(smem + sizeof(Shared));
+  const SamplingRow p = rows[blockIdx.x];
+  RowView row =
+      make_row_view(logits + static_cast<std::size_t>(blockIdx.x) * vocab, vocab, p, penalties);
+  build_seen(row, p, history, 0, vocab, seen);
+
+  // Pass 1: the maximum (first index on ties), and whether the row must be replaced.
+  Best best = range_best(row, 0, vocab, s);
+  if (best.bad) {
+    row.replaced = true;
+    best = replaced_best(row);
+  }
+  int token = best.index < vocab ? best.index : 0;
+  if (p.do_sample) {
+    // Pass 2: the first-level histogram; then the searches.
+    __syncthreads();
+    s.buckets.clear(kBins);
+    __syncthreads();
+    row.for_each([&](int i, float raw) {
+      const float l = row.logit(i, raw);
+      s.buckets.add(bucket_of(best.value, l), mass_of(best.value, l));
+    });
+    __syncthreads();
+    Searcher search{row, best.value, s, p, history, seen, true, nullptr, 0};
+    token = search.draw(token);
+  }
+  write_token(p, history, out, blockIdx.x, token);
+}
+
+// ---- a row split over several blocks ----
+// Grid (splits, rows): block (c, r) owns tokens [c * chunk, min((c + 1) * chunk, vocab)) of
+// row r.
+
+struct Chunk {
+  int begin, end;
+};
+
+__device__ Chunk my_chunk(int chunk, int vocab) {
+  const int begin = static_cast<int>(blockIdx.x) * chunk;
+  return Chunk{begin, min(begin + chunk, vocab)};
+}
+
+/// The row's maximum from its chunks' (uniform), the replaced row's when a chunk saw a
+/// non-finite value (then `row` is switched to the replaced view).
+__device__ Best row_best(const RowScratch& scratch, int splits, RowView& row, Shared& s) {
+  float v = -INFINITY;
+  int vi = 0x7fffffff;
+  bool bad = false;
+  for (int c = threadIdx.x; c < splits; c += kThreads) {
+    const ChunkBest b = scratch.chunks[c];
+    keep_better(v, vi, b.value, b.index);
+    bad |= b.bad != 0;
+  }
+  Best best = block_best(v, vi, bad, s);
+  if (best.bad) {
+    row.replaced = true;
+    best = Best{scratch.replaced.value, scratch.replaced.index, true};
+  }
+  return best;
+}
+
+/// True in the block that arrives last at `arrivals` (after making its global writes visible).
+__device__ bool last_to_arrive(unsigned int* arrivals, int splits, Shared& s) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s.ticket = atomicAdd(arrivals, 1u);
+  __syncthreads();
+  return s.ticket == static_cast<unsigned int>(splits - 1);
+}
+
+/// Copies the row's histogram from the workspace into s.buckets.
+__device__ void load_histogram(const RowScratch& scratch, Shared& s) {
+  for (int j = threadIdx.x; j < kBins; j += kThreads) {
+    s.buckets.set(j, __ldcg(&scratch.count[j]), __ldcg(&scratch.mass[j]));
+  }
+  __syncthreads();
+}
+
+/// Pass 1: each chunk's maximum; also clears the row's scratch for this call.
+__global__ void __launch_bounds__(kThreads)
+    chunk_maximum_kernel(const float* logits, int vocab, const SamplingRow* rows,
+                         const int* history, bool penalties, int chunk, int splits,
+                         RowScratch* scratch_rows) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared& s = *reinterpret_cast<Shared*>(smem);
+  unsigned int* seen = reinterpret_cast<unsigned int*>(smem + sizeof(Shared));
+  RowScratch& scratch = scratch_rows[blockIdx.y];
+  const SamplingRow p = rows[blockIdx.y];
+  const Chunk c = my_chunk(chunk, vocab);
+  RowView row =
+      make_row_view(logits + static_cast<std::size_t>(blockIdx.y) * vocab, vocab, p, penalties);
+  build_seen(row, p, history, c.begin, c.end, seen);
+  const Best best = range_best(row, c.begin, c.end, s);
+  if (threadIdx.x == 0) scratch.chunks[blockIdx.x] = ChunkBest{best.value, best.index, best.bad};
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const Best r = replaced_best(row);  // needs the bitmap of tokens 0..5: this chunk's
+    scratch.replaced = ChunkBest{r.value, r.index, 1};
+  }
+
+  const int bin_begin = static_cast<int>(blockIdx.x) * kBins / splits;
+  const int bin_end = (static_cast<int>(blockIdx.x) + 1) * kBins / splits;
+  for (int j = bin_begin + threadIdx.x; j < bin_end; j += kThreads) {
+    scratch.count[j] = 0;
+    scratch.mass[j] = 0;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    scratch.histogram_arrivals = 0;
+    scratch.gather_arrivals = 0;
+    scratch.candidate_count = 0;
+  }
+}
+
+/// Tokens in the buckets [lo, hi] that gather() would take from the candidate list (those of
+/// at most kListCap tokens). Uniform.
+__device__ u64 listable_tokens(int lo, int hi, Shared& s) {
+  u64 sum = 0;
+  for (int k = 0; k < kItems; ++k) {
+    const int j = threadIdx.x * kItems + k;
+    const unsigned int n = s.buckets.count[j];
+    if (j >= lo && j <= hi && n <= kListCap) sum += n;
+  }
+  __syncthreads();  // s.grand_total may still be read from the previous call
+  block_exclusive_scan(Tally{sum, 0}, s);
+  return s.grand_total.count;
+}
+
+/// Predicts, from the row's histogram in s.buckets alone, the buckets the searches of
+/// Searcher::draw will gather: the top_k-th token's, the range the top-p cut can fall in for
+/// any top-k kept mass the top-k bucket allows, the range the drawn token can fall in for any
+/// kept mass the top-p range allows. Marks them in `wanted` as far as kCandidateCap allows
+/// (in that order). A missed bucket costs a scan of the row, never a different result.
+__device__ void plan_candidates(const SamplingRow& p, int vocab, Shared& s, unsigned int* wanted) {
+  const Shared* sh = &s;
+  auto buckets = [sh](int j) { return sh->buckets.at(j); };
+  int lo[3], hi[3], ranges = 0;
+  find_crossing(kBins, buckets, true, ~0ull, Tally{0, 0}, s);
+  u64 kept_lo = s.grand_total.mass, kept_hi = kept_lo;
+  if (p.top_k > 0 && p.top_k < vocab) {
+    const Crossing c =
+        find_crossing(kBins, buckets, false, static_cast<u64>(p.top_k), Tally{0, 0}, s);
+    if (c.index >= 0) {
+      lo[ranges] = hi[ranges] = c.index;
+      ++ranges;
+      kept_lo = c.above.mass;
+      kept_hi = c.above.mass + c.own.mass;
+    }
+  }
+  if (p.top_p < 1.0f) {
+    const u64 target_lo = top_p_target(p.top_p, kept_lo);
+    const u64 target_hi = top_p_target(p.top_p, kept_hi);
+    const Crossing a = find_crossing(kBins, buckets, true, target_lo, Tally{0, 0}, s);
+    const Crossing b = find_crossing(kBins, buckets, true, target_hi, Tally{0, 0}, s);
+    if (a.index >= 0 && b.index >= 0) {
+      lo[ranges] = a.index;
+      hi[ranges] = b.index;
+      ++ranges;
+      // The cut token's running mass is at least its target and at most its bucket's.
+      kept_lo = target_lo;
+      kept_hi = min(kept_hi, b.above.mass + b.own.mass);
+    }
+  }
+  const u64 bits = random_bits(p.seed, p.step);
+  const Crossing a =
+      find_crossing(kBins, buckets, true, __umul64hi(bits, kept_lo) + 1, Tally{0, 0}, s);
+  const Crossing b =
+      find_crossing(kBins, buckets, true, __umul64hi(bits, kept_hi) + 1, Tally{0, 0}, s);
+  if (a.index >= 0 && b.index >= 0) {
+    lo[ranges] = a.index;
+    hi[ranges] = b.index;
+    ++ranges;
+  }
+  bool take[3] = {false, false, false};
+  u64 taken = 0;
+  for (int k = 0; k < ranges; ++k) {
+    const u64 n = listable_tokens(lo[k], hi[k], s);
+    if (taken + n <= kCandidateCap) {
+      take[k] = true;
+      taken += n;
+    }
+  }
+  // Bin j = threadIdx.x + m * kThreads: a warp's ballot is one bitmap word.
+  for (int m = 0; m < kItems; ++m) {
+    const int j = static_cast<int>(threadIdx.x) + m * kThreads;
+    bool want = false;
+    for (int k = 0; k < ranges; ++k) want |= take[k] && j >= lo[k] && j <= hi[k];
+    want &= s.buckets.count[j] <= kListCap;
+    const unsigned int word = __ballot_sync(0xffffffffu, want);
+    if ((threadIdx.x & 31) == 0) wanted[j >> 5] = word;
+  }
+}
+
+/// Pass 2: each chunk's histogram, added into the row's; the last block of the row plans the
+/// candidate buckets.
+__global__ void __launch_bounds__(kThreads)
+    chunk_histogram_kernel(const float* logits, int vocab, const SamplingRow* rows,
+                           const int* history, bool penalties, int chunk, int splits,
+                           RowScratch* scratch_rows) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared& s = *reinterpret_cast<Shared*>(smem);
+  unsigned int* seen = reinterpret_cast<unsigned int*>(smem + sizeof(Shared));
+  const SamplingRow p = rows[blockIdx.y];
+  if (!p.do_sample) return;
+  RowScratch& scratch = scratch_rows[blockIdx.y];
+  const Chunk c = my_chunk(chunk, vocab);
+  RowView row =
+      make_row_view(logits + static_cast<std::size_t>(blockIdx.y) * vocab, vocab, p, penalties);
+  const Best best = row_best(scratch, splits, row, s);
+  build_seen(row, p, history, c.begin, c.end, seen);
+  s.buckets.clear(kBins);
+  __syncthreads();
+  row.for_each(c.begin, c.end, [&](int i, float raw) {
+    const float l = row.logit(i, raw);
+    s.buckets.add(bucket_of(best.value, l), mass_of(best.value, l));
+  });
+  __syncthreads();
+  for (int j = threadIdx.x; j < kBins; j += kThreads) {
+    const Tally t = s.buckets.at(j);
+    if (t.count) {
+      atomicAdd(&scratch.count[j], static_cast<unsigned int>(t.count));
+      if (t.mass) atomicAdd(&scratch.mass[j], t.mass);
+    }
+  }
+  if (!last_to_arrive(&scratch.histogram_arrivals, splits, s)) return;
+  load_histogram(scratch, s);
+  plan_candidates(p, vocab, s, scratch.wanted);
+}
+
+/// Pass 3: each chunk's tokens in the wanted buckets, appended to the row's candidate list;
+/// the last block of the row runs the searches and writes the token. Greedy rows: the argmax.
+__global__ void __launch_bounds__(kThreads, 1)
+    chunk_gather_kernel(const float* logits, int vocab, const SamplingRow* rows, int* history,
+                        bool penalties, int chunk, int splits, RowScratch* scratch_rows, int* out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Shared& s = *reinterpret_cast<Shared*>(smem);
+  unsigned int* seen = reinterpret_cast<unsigned int*>(smem + sizeof(Shared));
+  const SamplingRow p = rows[blockIdx.y];
+  if (!p.do_sample && blockIdx.x != 0) return;
+  RowScratch& scratch = scratch_rows[blockIdx.y];
+  RowView row =
+      make_row_view(logits + static_cast<std::size_t>(blockIdx.y) * vocab, vocab, p, penalties);
+  const Best best = row_best(scratch, splits, row, s);
+  const int argmax = best.index < vocab ? best.index : 0;
+  if (!p.do_sample) {
+    write_token(p, history, out, blockIdx.y, argmax);
+    return;
+  }
+  const Chunk c = my_chunk(chunk, vocab);
+  build_seen(row, p, history, c.begin, c.end, seen);
+  for (int w = threadIdx.x; w < kBins / 32; w += kThreads) s.wanted[w] = __ldcg(&scratch.wanted[w]);
+  __syncthreads();
+  row.for_each(c.begin, c.end, [&](int i, float raw) {
+    const float l = row.logit(i, raw);
+    const int b = bucket_of(best.value, l);
+    if (s.wanted[b >> 5] >> (b & 31) & 1u) {
+      const unsigned int at = atomicAdd(&scratch.candidate_count, 1u);
+      if (at < kCandidateCap) scratch.candidates[at] = token_key(l, i);
+    }
+  });
+  if (!last_to_arrive(&scratch.gather_arrivals, splits, s)) return;
+  load_histogram(scratch, s);
+  const unsigned int found = __ldcg(&scratch.candidate_count);
+  // The plan keeps the list within its capacity; should it not, every bucket comes from the row.
+  const bool usable = found <= kCandidateCap;
+  Searcher search{row,
+                  best.value,
+                  s,
+                  p,
+                  history,
+                  seen,
+                  false,
+                  usable ? scratch.candidates : nullptr,
+                  usable ? static_cast<int>(found) : 0};
+  write_token(p, history, out, blockIdx.y, search.draw(argmax));
+}
+
+/// Blocks per row for the split form: enough to fill the device once, chunks of at least
+/// kMinChunk tokens, at most kMaxSplits.
+struct SplitPlan {
+  int splits, chunk;
+};
+
+SplitPlan plan_splits(int num_rows, int vocab, int num_sms) {
+  int splits = std::max(1, num_sms / num_rows);
+  splits = std::min({splits, (vocab + kMinChunk - 1) / kMinChunk, kMaxSplits});
+  int chunk = (vocab + splits - 1) / splits;
+  chunk = (chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  return SplitPlan{(vocab + chunk - 1) / chunk, chunk};
+}
+
+void check_launch_args(const char* what, const float* logits, int num_rows, int vocab,
+                       const SamplingRow* rows, const int* out) {
+  QG_CHECK(logits && rows && out, what, ": null pointer (logits, rows or out)");
+  QG_CHECK(num_rows >= 0, what, ": num_rows must be >= 0, got ", num_rows);
+  QG_CHECK(vocab > 0 && vocab <= kMaxSamplingVocab, what, ": vocab must be in [1, ",
+           kMaxSamplingVocab, "], got ", vocab);
+}
+
+template <typename Kernel>
+void allow_shared(Kernel kernel, std::size_t bytes) {
+  QG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(bytes)));
+}
+
 }  // namespace
 
-// ---- kernel launcher ----
+// ---- kernel launchers ----
+
+std::size_t sampling_workspace_bytes(int num_rows) {
+  return static_cast<std::size_t>(std::max(num_rows, 0)) * sizeof(RowScratch);
+}
 
 void sample_tokens(const float* logits, int num_rows, int vocab, const SamplingRow* rows,
                    int* history, bool any_penalty, int* out, cudaStream_t stream) {
-  QG_CHECK(logits && rows && out, "sample_tokens: null pointer (logits, rows or out)");
-  QG_CHECK(num_rows >= 0, "sample_tokens: num_rows must be >= 0, got ", num_rows);
-  QG_CHECK(vocab > 0 && vocab <= kMaxSamplingVocab, "sample_tokens: vocab must be in [1, ",
-           kMaxSamplingVocab, "], got ", vocab);
+  check_launch_args("sample_tokens", logits, num_rows, vocab, rows, out);
   if (num_rows == 0) return;
   const int seen_words = any_penalty ? (vocab + 31) / 32 : 0;
   const std::size_t smem = sizeof(Shared) + static_cast<std::size_t>(seen_words) * 4;
-  QG_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(smem)));
-  sample_kernel<<<static_cast<unsigned>(num_rows), kThreads, smem, stream>>>(
-      logits, vocab, rows, history, seen_words, out);
+  allow_shared(sample_rows_kernel, smem);
+  sample_rows_kernel<<<static_cast<unsigned>(num_rows), kThreads, smem, stream>>>(
+      logits, vocab, rows, history, any_penalty, out);
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+void sample_tokens(const float* logits, int num_rows, int vocab, const SamplingRow* rows,
+                   int* history, bool any_penalty, int* out, void* workspace,
+                   std::size_t workspace_bytes, int num_sms, cudaStream_t stream) {
+  check_launch_args("sample_tokens", logits, num_rows, vocab, rows, out);
+  QG_CHECK(num_rows <= 65535, "sample_tokens: at most 65535 rows per call with a workspace, got ",
+           num_rows);
+  if (num_rows == 0) return;
+  QG_CHECK(workspace && workspace_bytes >= sampling_workspace_bytes(num_rows),
+           "sample_tokens: workspace of ", workspace_bytes, " bytes at ", workspace,
+           ", need sampling_workspace_bytes(", num_rows,
+           ") = ", sampling_workspace_bytes(num_rows));
+  QG_CHECK((reinterpret_cast<std::uintptr_t>(workspace) & 15) == 0,
+           "sample_tokens: workspace must be 16-byte aligned");
+  const SplitPlan plan = plan_splits(num_rows, vocab, num_sms);
+  auto* scratch = static_cast<RowScratch*>(workspace);
+  const std::size_t chunk_seen = any_penalty ? static_cast<std::size_t>(plan.chunk / 32) * 4 : 0;
+  const std::size_t row_seen =
+      any_penalty ? std::max(chunk_seen, static_cast<std::size_t>((vocab + 31) / 32) * 4) : 0;
+  const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(num_rows));
+  allow_shared(chunk_maximum_kernel, sizeof(Shared) + chunk_seen);
+  allow_shared(chunk_histogram_kernel, sizeof(Shared) + chunk_seen);
+  allow_shared(chunk_gather_kernel, sizeof(Shared) + row_seen);
+  chunk_maximum_kernel<<<grid, kThreads, sizeof(Shared) + chunk_seen, stream>>>(
+      logits, vocab, rows, history, any_penalty, plan.chunk, plan.splits, scratch);
+  QG_CUDA_CHECK(cudaGetLastError());
+  chunk_histogram_kernel<<<grid, kThreads, sizeof(Shared) + chunk_seen, stream>>>(
+      logits, vocab, rows, history, any_penalty, plan.chunk, plan.splits, scratch);
+  QG_CUDA_CHECK(cudaGetLastError());
+  chunk_gather_kernel<<<grid, kThreads, sizeof(Shared) + row_seen, stream>>>(
+      logits, vocab, rows, history, any_penalty, plan.chunk, plan.splits, scratch, out);
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -549,18 +979,26 @@ class DeviceArray {
 
 struct GpuSampler::Buffers {
   DeviceArray<SamplingRow> rows;
-  DeviceArray<int> slot_history;   // slots * capacity ids
-  DeviceArray<int> given_history;  // the stateless form's histories, packed
-  DeviceArray<int> host_out;       // sample_to_host's device result
+  DeviceArray<int> slot_history;         // slots * capacity ids
+  DeviceArray<int> given_history;        // the stateless form's histories, packed
+  DeviceArray<int> host_out;             // sample_to_host's device result
+  DeviceArray<unsigned char> workspace;  // the split form's per-row scratch
 };
 
 GpuSampler::GpuSampler(int slots, int history_capacity)
-    : slots_(slots), capacity_(history_capacity), buffers_(std::make_unique<Buffers>()) {
+    : slots_(slots),
+      capacity_(history_capacity),
+      num_sms_(1),
+      buffers_(std::make_unique<Buffers>()) {
   QG_CHECK(slots > 0 && history_capacity > 0, "GpuSampler: slots (", slots,
            ") and history_capacity (", history_capacity, ") must be > 0");
   lengths_.assign(static_cast<std::size_t>(slots), 0);
   buffers_->slot_history.reserve(static_cast<std::size_t>(slots) * history_capacity);
   buffers_->rows.reserve(static_cast<std::size_t>(slots));
+  buffers_->workspace.reserve(sampling_workspace_bytes(slots));
+  int device = 0;
+  QG_CUDA_CHECK(cudaGetDevice(&device));
+  QG_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
 }
 
 GpuSampler::~GpuSampler() = default;
@@ -610,7 +1048,11 @@ void GpuSampler::launch(const float* d_logits, int num_rows, int vocab,
   // From pageable memory: the call returns once `rows` is staged, so it may go out of scope.
   QG_CUDA_CHECK(cudaMemcpyAsync(d_rows, rows.data(), rows.size() * sizeof(SamplingRow),
                                 cudaMemcpyHostToDevice, stream));
-  sample_tokens(d_logits, num_rows, vocab, d_rows, history, any_penalty, d_out, stream);
+  // Slot rows are distinct slots, so this never grows after the constructor.
+  const std::size_t workspace_bytes = sampling_workspace_bytes(num_rows);
+  void* workspace = buffers_->workspace.reserve(workspace_bytes);
+  sample_tokens(d_logits, num_rows, vocab, d_rows, history, any_penalty, d_out, workspace,
+                workspace_bytes, num_sms_, stream);
 }
 
 void GpuSampler::sample(const float* d_logits, int num_rows, int vocab,

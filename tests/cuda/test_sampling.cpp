@@ -1,7 +1,9 @@
 // GPU sampling (qg::cuda::GpuSampler) against the CPU Sampler: greedy picks must be identical
 // (ties, non-finite rows, repetition penalty), single-token kept sets must give the CPU's token,
 // and sampled tokens must stay inside the CPU's kept set with the CPU's frequencies (fixed
-// seeds, so the frequency checks are deterministic).
+// seeds, so the frequency checks are deterministic). The split form of sample_tokens (several
+// blocks per row, what GpuSampler runs) must give the one-block form's ids bit for bit, also
+// when replayed from a CUDA graph.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +19,7 @@
 
 namespace {
 
+using qg::cuda::SamplingRow;
 using qg::engine::SamplingConfig;
 using qg::test::DeviceBuffer;
 using Rows = std::vector<std::vector<float>>;
@@ -179,6 +182,61 @@ void check_draws(const std::vector<int>& draws, const std::vector<double>& p,
   INFO("chi-square " << chi2 << " with " << df << " degrees of freedom");
   CHECK(chi2 <= df + 10.0 * std::sqrt(2.0 * std::max(df, 1)) + 10.0);
 }
+
+/// A SamplingRow for sample_tokens: `config` at random stream position `step`, seen tokens
+/// history[begin, begin + length).
+SamplingRow device_row(const SamplingConfig& c, std::uint64_t step, int begin, int length) {
+  SamplingRow r;
+  r.temperature = c.temperature;
+  r.top_p = c.top_p;
+  r.repetition_penalty = c.repetition_penalty;
+  r.top_k = c.top_k;
+  r.do_sample = c.do_sample ? 1 : 0;
+  r.history_begin = begin;
+  r.history_length = length;
+  r.seed = c.seed;
+  r.step = step;
+  return r;
+}
+
+/// Rows, settings and seen tokens for the raw launches, all on the device.
+struct DeviceBatch {
+  int vocab;
+  std::vector<SamplingRow> rows;
+  DeviceBuffer<float> logits;
+  DeviceBuffer<SamplingRow> d_rows;
+  DeviceBuffer<int> history;
+  bool any_penalty = false;
+
+  DeviceBatch(const std::vector<float>& flat, int vocab_, std::vector<SamplingRow> rows_,
+              const std::vector<int>& flat_history)
+      : vocab(vocab_),
+        rows(std::move(rows_)),
+        logits(flat.size()),
+        d_rows(rows.size()),
+        history(std::max<std::size_t>(flat_history.size(), 1)) {
+    logits.upload(flat);
+    d_rows.upload(rows);
+    if (!flat_history.empty()) history.upload(flat_history);
+    for (const SamplingRow& r : rows) any_penalty = any_penalty || r.repetition_penalty != 1.0f;
+  }
+  int size() const { return static_cast<int>(rows.size()); }
+
+  std::vector<int> one_block() {
+    DeviceBuffer<int> out(rows.size());
+    qg::cuda::sample_tokens(logits.get(), size(), vocab, d_rows.get(), history.get(), any_penalty,
+                            out.get(), nullptr);
+    return out.download();
+  }
+  std::vector<int> split(int num_sms) {
+    DeviceBuffer<int> out(rows.size());
+    const std::size_t bytes = qg::cuda::sampling_workspace_bytes(size());
+    DeviceBuffer<unsigned char> workspace(bytes);
+    qg::cuda::sample_tokens(logits.get(), size(), vocab, d_rows.get(), history.get(), any_penalty,
+                            out.get(), workspace.get(), bytes, num_sms, nullptr);
+    return out.download();
+  }
+};
 
 }  // namespace
 
@@ -423,6 +481,164 @@ TEST_CASE("GPU sampler rejects bad input", "[sampling]") {
   REQUIRE_THROWS_WITH(
       qg::cuda::sample_tokens(d_logits.get(), 1, 20, nullptr, nullptr, false, d_out.get(), nullptr),
       QG_CONTAINS("null pointer"));
+  const std::vector<SamplingRow> one_row = {device_row(SamplingConfig{}, 0, 0, 0)};
+  DeviceBuffer<SamplingRow> d_row(1);
+  d_row.upload(one_row);
+  DeviceBuffer<unsigned char> workspace(qg::cuda::sampling_workspace_bytes(2));
+  REQUIRE_THROWS_WITH(qg::cuda::sample_tokens(d_logits.get(), 2, 10, d_row.get(), nullptr, false,
+                                              d_out.get(), nullptr, 0, 132, nullptr),
+                      QG_CONTAINS("workspace"));
+  REQUIRE_THROWS_WITH(qg::cuda::sample_tokens(
+                          d_logits.get(), 2, 10, d_row.get(), nullptr, false, d_out.get(),
+                          workspace.get(), qg::cuda::sampling_workspace_bytes(2) - 1, 132, nullptr),
+                      QG_CONTAINS("sampling_workspace_bytes(2)"));
   // After the errors the sampler still works.
   CHECK(sampler.sample_to_host(d_logits.get(), 1, 20, one, Histories{{}}, {0}, nullptr)[0] >= 0);
+}
+
+TEST_CASE("GPU split sampling equals one block per row and the CPU's kept set", "[sampling]") {
+  // 1: one block per row; 132: an H100's grid (128 blocks for one row of 130528); 100000: as
+  // many blocks per row as the chunk limits allow, whatever the batch.
+  const int sms_choices[] = {1, 132, 100000};
+  for (const int vocab : {1, 7, 1000, 4099, 100003, 130528}) {
+    INFO("vocab " << vocab);
+    const auto u = static_cast<std::uint32_t>(vocab);
+    // Normal (bench-like), quantised (exact ties, also at the maximum), sharp, flat, NaN.
+    std::vector<std::vector<float>> kinds = {
+        random_logits(vocab, u + 1, 2.5f), random_logits(vocab, u + 2, 2.0f, 0.25f),
+        random_logits(vocab, u + 3, 8.0f),
+        std::vector<float>(static_cast<std::size_t>(vocab), 0.5f),
+        random_logits(vocab, u + 4, 1.0f)};
+    kinds.back()[static_cast<std::size_t>(vocab) / 3] = std::numeric_limits<float>::quiet_NaN();
+    const int big_k = std::max(1, std::min(5000, vocab - 1));
+    const std::vector<SamplingConfig> configs = {
+        sampling(0.95f, 0.7f, 0, 1.1f, 1),
+        sampling(1.0f, 1.0f, 0, 1.0f, 2),
+        sampling(0.5f, 0.01f, 0, 1.0f, 3),
+        sampling(1.5f, 0.7f, 40, 1.2f, 4),
+        sampling(1.0f, 1.0f, 1, 1.0f, 5),
+        sampling(0.8f, 0.9f, big_k, 1.0f, 6),
+        sampling(1.0f, 1.0f, 40, 0.8f, 7),
+        sampling(2.0f, 0.99f, 0, 1.0f, 8),
+        sampling(0.7f, 1.0f, vocab > 1 ? vocab - 1 : 0, 1.0f, 9),
+        greedy(1.3f),
+        greedy()};
+    constexpr int kSteps = 4;
+    // Seen tokens: 100 ids over the whole range (and a few outside it) plus each row's top 5.
+    std::vector<float> flat;
+    std::vector<int> flat_history;
+    std::vector<SamplingRow> rows;
+    std::vector<std::size_t> kind_of, config_of;
+    std::vector<std::vector<int>> kind_history;
+    for (std::size_t k = 0; k < kinds.size(); ++k) {
+      std::mt19937 rng(static_cast<std::uint32_t>(k) + u);
+      std::uniform_int_distribution<int> id(-2, vocab + 1);
+      std::vector<int> h(100);
+      for (int& t : h) t = id(rng);
+      std::vector<int> order(static_cast<std::size_t>(vocab));
+      for (int i = 0; i < vocab; ++i) order[static_cast<std::size_t>(i)] = i;
+      const auto& row = kinds[k];
+      const std::size_t top = std::min<std::size_t>(5, order.size());
+      std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top),
+                        order.end(), [&](int a, int b) {
+                          return row[static_cast<std::size_t>(a)] >
+                                 row[static_cast<std::size_t>(b)];
+                        });
+      h.insert(h.end(), order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top));
+      kind_history.push_back(h);
+    }
+    for (std::size_t k = 0; k < kinds.size(); ++k) {
+      for (std::size_t c = 0; c < configs.size(); ++c) {
+        const auto& h = kind_history[k];
+        const int begin = static_cast<int>(flat_history.size());
+        flat_history.insert(flat_history.end(), h.begin(), h.end());
+        for (int step = 0; step < kSteps; ++step) {
+          flat.insert(flat.end(), kinds[k].begin(), kinds[k].end());
+          rows.push_back(device_row(configs[c], static_cast<std::uint64_t>(step), begin,
+                                    static_cast<int>(h.size())));
+          kind_of.push_back(k);
+          config_of.push_back(c);
+        }
+      }
+    }
+    DeviceBatch batch(flat, vocab, rows, flat_history);
+    const std::vector<int> reference = batch.one_block();
+    for (const int sms : sms_choices) {
+      INFO("num_sms " << sms << ", " << rows.size() << " rows");
+      CHECK(batch.split(sms) == reference);
+    }
+    // Batches of 1 and 3 with an H100's grid: many blocks per row.
+    for (std::size_t r = 0; r + 3 <= rows.size(); r += 13) {
+      INFO("rows from " << r);
+      const auto at = static_cast<std::ptrdiff_t>(r);
+      const auto v = static_cast<std::ptrdiff_t>(vocab);
+      for (const std::size_t n : {std::size_t{1}, std::size_t{3}}) {
+        DeviceBatch part(
+            std::vector<float>(flat.begin() + at * v,
+                               flat.begin() + (at + static_cast<std::ptrdiff_t>(n)) * v),
+            vocab,
+            std::vector<SamplingRow>(rows.begin() + at,
+                                     rows.begin() + at + static_cast<std::ptrdiff_t>(n)),
+            flat_history);
+        const std::vector<int> got = part.split(132);
+        CHECK(got == std::vector<int>(reference.begin() + at,
+                                      reference.begin() + at + static_cast<std::ptrdiff_t>(n)));
+      }
+    }
+    // Against the CPU: greedy and top_k = 1 exactly, every draw inside the kept set.
+    for (std::size_t k = 0; k < kinds.size(); ++k) {
+      for (std::size_t c = 0; c < configs.size(); ++c) {
+        INFO("row kind " << k << ", config " << c);
+        const std::vector<double> p = kept_distribution(kinds[k], configs[c], kind_history[k]);
+        const int cpu = cpu_pick(kinds[k], configs[c], kind_history[k]);
+        for (std::size_t r = 0; r < rows.size(); ++r) {
+          if (kind_of[r] != k || config_of[r] != c) continue;
+          const int t = reference[r];
+          REQUIRE(t >= 0);
+          REQUIRE(t < vocab);
+          if (!configs[c].do_sample || configs[c].top_k == 1) {
+            CHECK(t == cpu);
+          } else {
+            CHECK(p[static_cast<std::size_t>(t)] > 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("GPU split sampling replays from a CUDA graph", "[sampling]") {
+  const int vocab = 130528;
+  const std::vector<float> row = random_logits(vocab, 123, 2.5f);
+  std::vector<float> flat;
+  std::vector<SamplingRow> rows;
+  const std::vector<int> history = random_history(vocab, 124, 100);
+  for (int r = 0; r < 3; ++r) {
+    flat.insert(flat.end(), row.begin(), row.end());
+    rows.push_back(device_row(r == 2 ? greedy(1.1f) : sampling(0.95f, 0.7f, 40 * r, 1.1f, 3),
+                              static_cast<std::uint64_t>(r), 0, 100));
+  }
+  DeviceBatch batch(flat, vocab, rows, history);
+  const std::vector<int> expect = batch.one_block();
+  const std::size_t bytes = qg::cuda::sampling_workspace_bytes(3);
+  DeviceBuffer<unsigned char> workspace(bytes);
+  DeviceBuffer<int> out(3);
+  cudaStream_t stream;
+  QG_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  QG_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  qg::cuda::sample_tokens(batch.logits.get(), 3, vocab, batch.d_rows.get(), batch.history.get(),
+                          true, out.get(), workspace.get(), bytes, 132, stream);
+  QG_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  QG_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 3; ++replay) {
+    QG_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, 3 * sizeof(int), stream));
+    QG_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    QG_CUDA_CHECK(cudaStreamSynchronize(stream));
+    CHECK(out.download() == expect);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
 }

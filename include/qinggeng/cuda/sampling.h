@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -33,15 +34,17 @@ struct SamplingRow {
   std::uint64_t step = 0;
 };
 
-/// \brief Picks one token per row of `logits` on `stream` (no host synchronisation).
+/// \brief Picks one token per row of `logits` on `stream` (no host synchronisation), one
+/// 512-thread block per row (no workspace; the slow form when rows are few, kept as the
+/// reference the split form is tested against).
 ///
-/// One 512-thread block per row. The row is read once for the maximum (greedy stops there);
-/// sampling rows read it once more for a 2048-bucket histogram of counts and fixed-point
-/// probability mass over the distance to the maximum, then locate the top-k cut, the top-p cut
-/// and the drawn token in that histogram: the bucket each one falls in (refined by radix
-/// passes in the rare case it holds more than 2048 tokens) is gathered into shared memory and
-/// ranked exactly (by logit, then by lower index, as the CPU's sort). Deterministic: the same
-/// inputs, seeds and steps give the same ids.
+/// The row is read once for the maximum (greedy stops there); sampling rows read it once more
+/// for a 2048-bucket histogram of counts and fixed-point probability mass over the distance to
+/// the maximum, then locate the top-k cut, the top-p cut and the drawn token in that
+/// histogram: the bucket each one falls in (refined by radix passes in the rare case it holds
+/// more than 2048 tokens) is gathered into shared memory and ranked exactly (by logit, then by
+/// lower index, as the CPU's sort). Deterministic: the same inputs, seeds and steps give the
+/// same ids.
 /// \param logits [num_rows, vocab] fp32 on the device (not modified)
 /// \param rows [num_rows] SamplingRow on the device
 /// \param history seen token ids on the device (rows index into it; ids outside [0, vocab)
@@ -53,9 +56,35 @@ struct SamplingRow {
 void sample_tokens(const float* logits, int num_rows, int vocab, const SamplingRow* rows,
                    int* history, bool any_penalty, int* out, cudaStream_t stream);
 
+/// \brief Bytes of device workspace the split form of sample_tokens needs for `num_rows` rows
+/// (about 60 KB a row, independent of the vocabulary).
+std::size_t sampling_workspace_bytes(int num_rows);
+
+/// \brief sample_tokens split over several blocks per row: the same ids as the one-block form
+/// (bit for bit), much sooner when rows are fewer than the multiprocessors.
+///
+/// Three launches over a grid of (chunks, rows): each chunk's maximum; each chunk's histogram,
+/// summed into the row's with global atomics, after which the row's last block predicts the
+/// buckets the searches will land in; each chunk's tokens in those buckets, gathered into a
+/// candidate list, after which the row's last block runs the searches on the row's histogram
+/// and candidates (a bucket the prediction missed, or one of more than 2048 tokens, is read
+/// from the row by that block). No host synchronisation, no allocation: capturable in a CUDA
+/// graph (the grid depends only on num_rows, vocab and num_sms).
+/// \param workspace device memory of at least sampling_workspace_bytes(num_rows) bytes,
+///        16-byte aligned; its contents need no initialisation and carry nothing between calls
+///        (calls sharing one workspace must be ordered on one stream)
+/// \param num_sms multiprocessors of the device (sizes the chunks: about num_sms blocks in
+///        all, chunks of at least 1024 tokens, at most 256 per row; cache it per device)
+/// \throws qg::Error as the one-block form, and for a missing or short workspace or more than
+/// 65535 rows.
+void sample_tokens(const float* logits, int num_rows, int vocab, const SamplingRow* rows,
+                   int* history, bool any_penalty, int* out, void* workspace,
+                   std::size_t workspace_bytes, int num_sms, cudaStream_t stream);
+
 /// \brief A batched GPU sampler owning its device buffers: per-sequence token histories for
 /// the repetition penalty (kept on the device and appended to by the kernel itself) and the
-/// per-row settings uploaded each step (about 48 bytes a row).
+/// per-row settings uploaded each step (about 48 bytes a row), and the split form's workspace
+/// (sized for `slots` rows up front, so the slot form never allocates).
 ///
 /// Typical decode loop: `reset_history(slot, prompt_ids)` when a sequence joins, then each
 /// step `sample(logits, n, vocab, configs, slots, steps, d_out, stream)`; the picked token of
@@ -109,6 +138,7 @@ class GpuSampler {
               int* d_out, cudaStream_t stream);
 
   int slots_, capacity_;
+  int num_sms_;  // of the device current at construction
   std::vector<int> lengths_;
   std::unique_ptr<Buffers> buffers_;
 };
