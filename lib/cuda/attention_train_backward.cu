@@ -111,12 +111,56 @@ __device__ __forceinline__ void load_b_kmajor(std::uint32_t (&b)[4], const __hal
   attn::ldmatrix_x4_trans(b, tile + attn::tile_offset<kDim>(row, chunk0 + lane / 16));
 }
 
+/// acc[16 rows x kQueries] = rows [row0, row0 + 16) of `a_tile` times the rows of `b_tile`
+/// transposed (both [rows][D], k = D): S^T = K Q^T and dP^T = V dO^T.
+template <int D>
+__device__ __forceinline__ void rows_times_rows(float (&acc)[kQueries / 8][4],
+                                                const __half* a_tile, int row0,
+                                                const __half* b_tile, int lane) {
+#pragma unroll
+  for (int j = 0; j < kQueries / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    std::uint32_t a[4];
+    load_a<D>(a, a_tile, row0, kk, lane);
+#pragma unroll
+    for (int np = 0; np < kQueries / 16; ++np) {
+      std::uint32_t b[4];
+      load_b_rows<D>(b, b_tile, np * 16, kk, lane);
+      attn::mma_16816(acc[2 * np], a, b[0], b[1]);
+      attn::mma_16816(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+/// acc[16 rows x D] += m (16 x kQueries, accumulator layout, packed to fp16 A fragments) times
+/// `b_tile` ([kQueries][D], k = queries): dV += P^T dO and dK += dS^T Q.
+template <int D>
+__device__ __forceinline__ void accumulate_times_tile(float (&acc)[D / 8][4],
+                                                      const float (&m)[kQueries / 8][4],
+                                                      const __half* b_tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kQueries / 16; ++kk) {
+    const std::uint32_t a[4] = {attn::pack_half2(m[2 * kk][0], m[2 * kk][1]),
+                                attn::pack_half2(m[2 * kk][2], m[2 * kk][3]),
+                                attn::pack_half2(m[2 * kk + 1][0], m[2 * kk + 1][1]),
+                                attn::pack_half2(m[2 * kk + 1][2], m[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      std::uint32_t b[4];
+      load_b_kmajor<D>(b, b_tile, dp * 2, kk, lane);
+      attn::mma_16816(acc[2 * dp], a, b[0], b[1]);
+      attn::mma_16816(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(TrainAttentionBatch b, const __half* qkv, const __half* dout,
                     const float* lse, const float* dvec, int heads, float scale_log2,
                     float scale, float* dq_acc, __half* dqkv) {
-  constexpr int kDimSteps = D / 16, kDFrags = D / 8, kQFrags = kQueries / 8;
+  constexpr int kDFrags = D / 8, kQFrags = kQueries / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __half* sK = reinterpret_cast<__half*>(smem_raw);
   __half* sV = sK + kKeys * D;
@@ -166,20 +210,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // S^T = K Q^T for this warp's 16 keys x 32 queries, then P^T.
     float p[kQFrags][4];
-#pragma unroll
-    for (int j = 0; j < kQFrags; ++j) p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < kDimSteps; ++kk) {
-      std::uint32_t a[4];
-      load_a<D>(a, sK, kb, kk, lane);
-#pragma unroll
-      for (int np = 0; np < kQFrags / 2; ++np) {
-        std::uint32_t bq[4];
-        load_b_rows<D>(bq, sQ, np * 16, kk, lane);
-        attn::mma_16816(p[2 * np], a, bq[0], bq[1]);
-        attn::mma_16816(p[2 * np + 1], a, bq[2], bq[3]);
-      }
-    }
+    rows_times_rows<D>(p, sK, kb, sQ, lane);
 #pragma unroll
     for (int j = 0; j < kQFrags; ++j) {
 #pragma unroll
@@ -189,39 +220,11 @@ __global__ void __launch_bounds__(kThreads)
         p[j][e] = visible ? exp2f(p[j][e] * scale_log2 - sLse[ql]) : 0.0f;
       }
     }
-
-    // dV += P^T dO  (k = queries).
-#pragma unroll
-    for (int kk = 0; kk < kQueries / 16; ++kk) {
-      const std::uint32_t pa[4] = {attn::pack_half2(p[2 * kk][0], p[2 * kk][1]),
-                                   attn::pack_half2(p[2 * kk][2], p[2 * kk][3]),
-                                   attn::pack_half2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                                   attn::pack_half2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        std::uint32_t bo[4];
-        load_b_kmajor<D>(bo, sO, dp * 2, kk, lane);
-        attn::mma_16816(dv[2 * dp], pa, bo[0], bo[1]);
-        attn::mma_16816(dv[2 * dp + 1], pa, bo[2], bo[3]);
-      }
-    }
+    accumulate_times_tile<D>(dv, p, sO, lane);  // dV += P^T dO
 
     // dP^T = V dO^T, then dS^T = P^T (dP^T - D).
     float ds[kQFrags][4];
-#pragma unroll
-    for (int j = 0; j < kQFrags; ++j) ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < kDimSteps; ++kk) {
-      std::uint32_t a[4];
-      load_a<D>(a, sV, kb, kk, lane);
-#pragma unroll
-      for (int np = 0; np < kQFrags / 2; ++np) {
-        std::uint32_t bo[4];
-        load_b_rows<D>(bo, sO, np * 16, kk, lane);
-        attn::mma_16816(ds[2 * np], a, bo[0], bo[1]);
-        attn::mma_16816(ds[2 * np + 1], a, bo[2], bo[3]);
-      }
-    }
+    rows_times_rows<D>(ds, sV, kb, sO, lane);
 #pragma unroll
     for (int j = 0; j < kQFrags; ++j) {
 #pragma unroll
@@ -230,22 +233,8 @@ __global__ void __launch_bounds__(kThreads)
         ds[j][e] = p[j][e] * (ds[j][e] - sD[ql]);
       }
     }
-
-    // dK += dS^T Q  (k = queries); dS also goes to shared memory as [query][key] for dQ.
-#pragma unroll
-    for (int kk = 0; kk < kQueries / 16; ++kk) {
-      const std::uint32_t sa[4] = {attn::pack_half2(ds[2 * kk][0], ds[2 * kk][1]),
-                                   attn::pack_half2(ds[2 * kk][2], ds[2 * kk][3]),
-                                   attn::pack_half2(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
-                                   attn::pack_half2(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        std::uint32_t bq[4];
-        load_b_kmajor<D>(bq, sQ, dp * 2, kk, lane);
-        attn::mma_16816(dk[2 * dp], sa, bq[0], bq[1]);
-        attn::mma_16816(dk[2 * dp + 1], sa, bq[2], bq[3]);
-      }
-    }
+    // dK += dS^T Q; dS also goes to shared memory as [query][key] for dQ.
+    accumulate_times_tile<D>(dk, ds, sQ, lane);
 #pragma unroll
     for (int j = 0; j < kQFrags; ++j) {
 #pragma unroll

@@ -11,9 +11,11 @@
 // ("MN-major": B always, A in the TN case) are kept that way in shared memory, [BK][width],
 // and their fragments loaded with ldmatrix.trans, so no operand is ever transposed in memory.
 // Tails in M (and in K for the TN case) are zero-filled by the copies and masked at the store.
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/check.h"
+#include "cuda/gemm_backward_paths.h"
 #include "cuda/gemm_paths.h"
 #include "cuda/mma_tiles.cuh"
 #include "qinggeng/cuda/gemm_backward.h"
@@ -242,6 +244,8 @@ void run(const __half* a, const __half* b, const BackwardStore& s, std::int64_t 
   }
 }
 
+std::atomic<int> g_forced_path{static_cast<int>(GemmBackwardPath::Auto)};
+
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 void check_common(const void* a, const void* b, const void* y, std::int64_t M, std::int64_t N,
@@ -256,6 +260,10 @@ void check_common(const void* a, const void* b, const void* y, std::int64_t M, s
 
 }  // namespace
 
+void force_gemm_backward_path(GemmBackwardPath path) {
+  g_forced_path.store(static_cast<int>(path));
+}
+
 void gemm_f16_nn(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32,
                  std::int64_t M, std::int64_t N, std::int64_t K, const GemmNnEpilogue& epilogue,
                  cudaStream_t stream) {
@@ -267,7 +275,7 @@ void gemm_f16_nn(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y
   QG_CHECK(epilogue.residual == nullptr ||
                reinterpret_cast<std::uintptr_t>(epilogue.residual) % 4 == 0,
            "gemm_f16_nn: residual is misaligned");
-  if (!epilogue.accumulate) {
+  if (!epilogue.accumulate && g_forced_path.load() == static_cast<int>(GemmBackwardPath::Auto)) {
     // Hopper: the forward's TMA + wgmma pipeline reading W MN-major.
     tiles::Epilogue e;
     e.kind = epilogue.residual != nullptr ? 4 : 0;

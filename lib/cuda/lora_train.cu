@@ -10,9 +10,9 @@
 // (splitmix64 of seed and t * in + i), drawn again wherever x appears.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/check.h"
-#include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/lora_train.h"
 #include "qinggeng/error.h"
 
@@ -48,8 +48,9 @@ __device__ __forceinline__ float dropout_factor(const Dropout& d, std::uint64_t 
 
 // ---- CUDA kernels ----
 
-/// One block per token: s[t, r] = sum_i drop(in[t, i]) w[r * w_r + i * w_i], r < rank <= kR;
-/// the block's threads split the width, then their partial sums are added across warps.
+/// One block per token: s[t, r] = sum_i drop(in[t, i]) w[r * w_r + i * w_i], r < rank <= kR.
+/// Consecutive threads take consecutive i, so both in and w (either layout) are read in
+/// coalesced runs; the threads' partial sums are then added across warps.
 template <int kR>
 __global__ void __launch_bounds__(kThreads)
     shrink_kernel(const __half* in, std::int64_t width, const float* w, std::int64_t w_r,
@@ -61,17 +62,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kR; ++r) acc[r] = 0.0f;
   const __half* row = in + t * width;
-  for (std::int64_t i0 = threadIdx.x * 8; i0 < width; i0 += kThreads * 8) {
-    const HalfVec<8> v = *reinterpret_cast<const HalfVec<8>*>(row + i0);
+  for (std::int64_t i = threadIdx.x; i < width; i += kThreads) {
+    const float xv =
+        __half2float(row[i]) * dropout_factor(drop, static_cast<std::uint64_t>(t * width + i));
+    const float* wi = w + i * w_i;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const std::int64_t i = i0 + k;
-      const float xv =
-          __half2float(v.v[k]) * dropout_factor(drop, static_cast<std::uint64_t>(t * width + i));
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        if (r < rank) acc[r] += xv * w[r * w_r + i * w_i];
-      }
+    for (int r = 0; r < kR; ++r) {
+      if (r < rank) acc[r] += xv * wi[r * w_r];
     }
   }
 #pragma unroll
@@ -89,28 +86,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/// out[t, j] += scale * drop(sum_r s[t, r] w[r * w_r + j * w_j]) for 8 consecutive j per
-/// thread; grid (column groups, tokens).
+/// out[t, j] += scale * drop(sum_r s[t, r] w[r * w_r + j * w_j]), one j per thread (consecutive
+/// threads, consecutive j); grid (column blocks, tokens).
+template <int kR>
 __global__ void __launch_bounds__(kThreads)
     expand_kernel(const float* s, std::int64_t width, const float* w, std::int64_t w_r,
                   std::int64_t w_j, int rank, float scale, Dropout drop, __half* out) {
-  __shared__ float srow[64];
+  __shared__ float srow[kR];
   const std::int64_t t = blockIdx.y;
-  if (threadIdx.x < rank) srow[threadIdx.x] = s[t * rank + threadIdx.x];
+  if (threadIdx.x < kR) srow[threadIdx.x] = threadIdx.x < rank ? s[t * rank + threadIdx.x] : 0.0f;
   __syncthreads();
-  const std::int64_t j0 = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 8;
-  if (j0 >= width) return;
-  auto* dst = reinterpret_cast<HalfVec<8>*>(out + t * width + j0);
-  HalfVec<8> o = *dst;
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= width) return;
+  const float* wj = w + j * w_j;
+  float acc = 0.0f;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const std::int64_t j = j0 + k;
-    float acc = 0.0f;
-    for (int r = 0; r < rank; ++r) acc += srow[r] * w[r * w_r + j * w_j];
-    acc *= scale * dropout_factor(drop, static_cast<std::uint64_t>(t * width + j));
-    o.v[k] = __float2half_rn(__half2float(o.v[k]) + acc);
+  for (int r = 0; r < kR; ++r) {
+    if (r < rank) acc += srow[r] * wj[r * w_r];
   }
-  *dst = o;
+  acc *= scale * dropout_factor(drop, static_cast<std::uint64_t>(t * width + j));
+  __half* o = out + t * width + j;
+  *o = __float2half_rn(__half2float(*o) + acc);
 }
 
 /// g[j * g_j + r * g_r] += scale * sum_t drop(in[t, j]) s[t, r] over kOuterTokens tokens per
@@ -148,51 +144,52 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- kernel launchers ----
 
-template <int kR>
-void launch_shrink_r(const __half* in, std::int64_t tokens, std::int64_t width, const float* w,
-                     std::int64_t w_r, std::int64_t w_i, int rank, const Dropout& drop,
-                     float* s, cudaStream_t stream) {
-  shrink_kernel<kR><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(in, width, w, w_r,
-                                                                           w_i, rank, drop, s);
-  QG_CUDA_CHECK(cudaGetLastError());
+/// Calls fn(std::integral_constant<int, kR>) with the smallest compiled rank bucket >= rank.
+template <class Fn>
+void with_rank_bucket(int rank, Fn&& fn) {
+  if (rank <= 8) {
+    fn(std::integral_constant<int, 8>{});
+  } else if (rank <= 16) {
+    fn(std::integral_constant<int, 16>{});
+  } else if (rank <= 32) {
+    fn(std::integral_constant<int, 32>{});
+  } else {
+    fn(std::integral_constant<int, 64>{});
+  }
 }
 
 void launch_shrink(const __half* in, std::int64_t tokens, std::int64_t width, const float* w,
                    std::int64_t w_r, std::int64_t w_i, int rank, const Dropout& drop, float* s,
                    cudaStream_t stream) {
-  if (rank <= 8) return launch_shrink_r<8>(in, tokens, width, w, w_r, w_i, rank, drop, s, stream);
-  if (rank <= 16) return launch_shrink_r<16>(in, tokens, width, w, w_r, w_i, rank, drop, s, stream);
-  if (rank <= 32) return launch_shrink_r<32>(in, tokens, width, w, w_r, w_i, rank, drop, s, stream);
-  launch_shrink_r<64>(in, tokens, width, w, w_r, w_i, rank, drop, s, stream);
+  with_rank_bucket(rank, [&](auto bucket) {
+    shrink_kernel<decltype(bucket)::value><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+        in, width, w, w_r, w_i, rank, drop, s);
+  });
+  QG_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_expand(const float* s, std::int64_t tokens, std::int64_t width, const float* w,
                    std::int64_t w_r, std::int64_t w_j, int rank, float scale, const Dropout& drop,
                    __half* out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((width / 8 + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(tokens));
-  expand_kernel<<<grid, kThreads, 0, stream>>>(s, width, w, w_r, w_j, rank, scale, drop, out);
-  QG_CUDA_CHECK(cudaGetLastError());
-}
-
-template <int kR>
-void launch_outer_r(const __half* in, std::int64_t tokens, std::int64_t width, const float* s,
-                    int rank, float scale, const Dropout& drop, float* g, std::int64_t g_j,
-                    std::int64_t g_r, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((tokens + kOuterTokens - 1) / kOuterTokens));
-  outer_kernel<kR><<<grid, kThreads, 0, stream>>>(in, tokens, width, s, rank, scale, drop, g,
-                                                  g_j, g_r);
+                  static_cast<unsigned>(tokens));
+  with_rank_bucket(rank, [&](auto bucket) {
+    expand_kernel<decltype(bucket)::value><<<grid, kThreads, 0, stream>>>(s, width, w, w_r, w_j,
+                                                                          rank, scale, drop, out);
+  });
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_outer(const __half* in, std::int64_t tokens, std::int64_t width, const float* s,
                   int rank, float scale, const Dropout& drop, float* g, std::int64_t g_j,
                   std::int64_t g_r, cudaStream_t stream) {
-  if (rank <= 8) return launch_outer_r<8>(in, tokens, width, s, rank, scale, drop, g, g_j, g_r, stream);
-  if (rank <= 16) return launch_outer_r<16>(in, tokens, width, s, rank, scale, drop, g, g_j, g_r, stream);
-  if (rank <= 32) return launch_outer_r<32>(in, tokens, width, s, rank, scale, drop, g, g_j, g_r, stream);
-  launch_outer_r<64>(in, tokens, width, s, rank, scale, drop, g, g_j, g_r, stream);
+  const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
+                  static_cast<unsigned>((tokens + kOuterTokens - 1) / kOuterTokens));
+  with_rank_bucket(rank, [&](auto bucket) {
+    outer_kernel<decltype(bucket)::value><<<grid, kThreads, 0, stream>>>(
+        in, tokens, width, s, rank, scale, drop, g, g_j, g_r);
+  });
+  QG_CUDA_CHECK(cudaGetLastError());
 }
 
 Dropout dropout_of(const LoraTrainShape& shape) {

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -217,10 +218,26 @@ TEST_CASE("dump GPU LoRA gradients at hidden 4096 for the PyTorch check", "[.tor
   weights.seed = 4096;
   weights.dtype = DType::F16;
   model::write_random_model(out / "model", c, weights);
-  lora::LoraAdapter adapter = test::random_adapter(
-      c, {LoraTarget::QueryKeyValue, LoraTarget::Dense, LoraTarget::DenseHTo4H,
-          LoraTarget::Dense4HToH},
-      8, 77);
+  // A trained-adapter scale: x A^T of unit size, B small, so LoRA moves the outputs by a
+  // fraction of the base (a saturated softmax would make fp16 vs fp32 gradients incomparable).
+  lora::LoraConfig lc;
+  lc.r = 8;
+  lc.lora_alpha = 16;
+  lc.targets = {LoraTarget::QueryKeyValue, LoraTarget::Dense, LoraTarget::DenseHTo4H,
+                LoraTarget::Dense4HToH};
+  lora::LoraAdapter adapter(lc, c);
+  std::mt19937 rng(77);
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (LoraTarget t : lc.targets) {
+      const auto [in, o] = lora::target_features(t, c);
+      std::normal_distribution<float> a_dist(0.0f, 1.0f / std::sqrt(static_cast<float>(in)));
+      std::normal_distribution<float> b_dist(0.0f, 0.05f);
+      std::vector<float> a(static_cast<std::size_t>(8 * in)), b(static_cast<std::size_t>(o * 8));
+      for (float& v : a) v = a_dist(rng);
+      for (float& v : b) v = b_dist(rng);
+      adapter.set(l, t, std::move(a), std::move(b));
+    }
+  }
   lora::save_adapter(adapter, out / "adapter", DType::F32);
   const TrainingExample e = example(c, 60, 90, 8);
   {

@@ -12,6 +12,7 @@
 
 #include "catch.hpp"
 #include "fp16_device.h"
+#include "cuda/gemm_backward_paths.h"
 #include "qinggeng/cuda/attention_train.h"
 #include "qinggeng/cuda/cross_entropy.h"
 #include "qinggeng/cuda/elementwise.h"
@@ -136,6 +137,11 @@ TEST_CASE("GPU backward GEMMs: dX = dY W and dW = dY^T X", "[cuda][train][gemm]"
     }
     DeviceMatrix gx(x), gw(w), gy(c.M, c.N), gres(res);
     cuda::gemm_f16_nn(bits(gx), bits(gw), gy.buf.get(), false, c.M, c.N, c.K, {}, nullptr);
+    CHECK(relative_l2(gy.host().data, expect) < 2e-3);
+    // The mma.sync family too (what sm_80/86 run; Hopper takes wgmma for N % 64 == 0).
+    cuda::force_gemm_backward_path(cuda::GemmBackwardPath::MmaSync);
+    cuda::gemm_f16_nn(bits(gx), bits(gw), gy.buf.get(), false, c.M, c.N, c.K, {}, nullptr);
+    cuda::force_gemm_backward_path(cuda::GemmBackwardPath::Auto);
     CHECK(relative_l2(gy.host().data, expect) < 2e-3);
     cuda::GemmNnEpilogue e;
     e.residual = bits(gres);
