@@ -1,6 +1,8 @@
 // Small fp16 ops (see include/qinggeng/cuda/elementwise.h). Every kernel is a grid-stride loop
 // over "units": 8 halves (one 16-byte access) when the launcher found sizes and pointers
-// aligned, else single halves. The row gathers share one kernel for int32 and int64 indices.
+// aligned, else single halves. The row gathers share one kernel for int32 and int64 indices;
+// gelu, its out-of-place form and its backward share one kernel. The embedding backward is a
+// scatter-add: one fp32 atomic per element, since ids repeat arbitrarily.
 #include <cstdint>
 
 #include "cuda/check.h"
@@ -20,17 +22,55 @@ __device__ __forceinline__ float gelu(float u) {
   return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * u * (1.0f + 0.044715f * u * u)));
 }
 
+// d gelu_tanh(u) / du.
+__device__ __forceinline__ float gelu_grad(float u) {
+  constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
+  const float t = tanhf(kC * u * (1.0f + kA * u * u));
+  return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * kC * (1.0f + 3.0f * kA * u * u);
+}
+
 // ---- CUDA kernels ----
 
+/// out = gelu(x) when dy is null, else out = gelu'(x) * dy; out may alias x or dy.
 template <int kVec>
-__global__ void gelu_kernel(__half* x, std::int64_t units) {
-  auto* p = reinterpret_cast<HalfVec<kVec>*>(x);
+__global__ void gelu_kernel(const __half* x, const __half* dy, __half* out, std::int64_t units) {
+  const auto* px = reinterpret_cast<const HalfVec<kVec>*>(x);
+  const auto* pd = reinterpret_cast<const HalfVec<kVec>*>(dy);
+  auto* po = reinterpret_cast<HalfVec<kVec>*>(out);
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    HalfVec<kVec> v = p[i];
+    const HalfVec<kVec> v = px[i];
+    HalfVec<kVec> r;
+    if (pd == nullptr) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) v.v[k] = __float2half_rn(gelu(__half2float(v.v[k])));
-    p[i] = v;
+      for (int k = 0; k < kVec; ++k) r.v[k] = __float2half_rn(gelu(__half2float(v.v[k])));
+    } else {
+      const HalfVec<kVec> d = pd[i];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        r.v[k] = __float2half_rn(gelu_grad(__half2float(v.v[k])) * __half2float(d.v[k]));
+      }
+    }
+    po[i] = r;
+  }
+}
+
+/// dtable[ids[r], c] += dout[r, c] over units of kVec columns (units_per_row per row).
+template <int kVec>
+__global__ void embedding_backward_kernel(const int* ids, std::int64_t n, const __half* dout,
+                                          std::int64_t vocab, std::int64_t units_per_row,
+                                          float* dtable) {
+  const auto* pd = reinterpret_cast<const HalfVec<kVec>*>(dout);
+  const std::int64_t units = n * units_per_row;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t r = i / units_per_row, c = i % units_per_row;
+    const std::int64_t id = ids[r];
+    if (id < 0 || id >= vocab) continue;
+    const HalfVec<kVec> d = pd[i];
+    float* dst = dtable + (id * units_per_row + c) * kVec;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) atomicAdd(dst + k, __half2float(d.v[k]));
   }
 }
 
@@ -84,6 +124,19 @@ void launch_gather(const __half* x, std::int64_t x_rows, std::int64_t cols, cons
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
+/// gelu_kernel over `count` values: vectorised when sizes and every pointer allow.
+void launch_gelu(const __half* x, const __half* dy, std::int64_t count, __half* out,
+                 cudaStream_t stream, const char* op) {
+  QG_CHECK(x && out && count >= 0, op, ": null pointer or negative count ", count);
+  if (count == 0) return;
+  if (count % 8 == 0 && aligned16(x) && aligned16(out) && (dy == nullptr || aligned16(dy))) {
+    gelu_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(x, dy, out, count / 8);
+  } else {
+    gelu_kernel<1><<<grid_for(count), 256, 0, stream>>>(x, dy, out, count);
+  }
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 // ---- kernel launchers ----
@@ -99,12 +152,31 @@ void gather_rows(const __half* x, std::int64_t x_rows, std::int64_t cols,
 }
 
 void gelu_tanh(__half* x, std::int64_t count, cudaStream_t stream) {
-  QG_CHECK(x && count >= 0, "gelu_tanh: null pointer or negative count ", count);
-  if (count == 0) return;
-  if (count % 8 == 0 && aligned16(x)) {
-    gelu_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(x, count / 8);
+  launch_gelu(x, nullptr, count, x, stream, "gelu_tanh");
+}
+
+void gelu_tanh_out(const __half* x, std::int64_t count, __half* out, cudaStream_t stream) {
+  launch_gelu(x, nullptr, count, out, stream, "gelu_tanh_out");
+}
+
+void gelu_tanh_backward(const __half* x, const __half* dy, std::int64_t count, __half* dx,
+                        cudaStream_t stream) {
+  QG_CHECK(dy != nullptr, "gelu_tanh_backward: null dy");
+  launch_gelu(x, dy, count, dx, stream, "gelu_tanh_backward");
+}
+
+void embedding_backward(const int* ids, std::int64_t n, const __half* dout, std::int64_t vocab,
+                        std::int64_t cols, float* dtable, cudaStream_t stream) {
+  QG_CHECK(ids && dout && dtable, "embedding_backward: null pointer");
+  QG_CHECK(n >= 0 && vocab > 0 && cols > 0, "embedding_backward: bad size (n ", n, ", vocab ",
+           vocab, ", cols ", cols, ")");
+  if (n == 0) return;
+  if (cols % 8 == 0 && aligned16(dout)) {
+    embedding_backward_kernel<8><<<grid_for(n * cols / 8), 256, 0, stream>>>(
+        ids, n, dout, vocab, cols / 8, dtable);
   } else {
-    gelu_kernel<1><<<grid_for(count), 256, 0, stream>>>(x, count);
+    embedding_backward_kernel<1><<<grid_for(n * cols), 256, 0, stream>>>(ids, n, dout, vocab,
+                                                                         cols, dtable);
   }
   QG_CUDA_CHECK(cudaGetLastError());
 }
