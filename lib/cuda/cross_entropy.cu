@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kRowThreads)
   float lse = 0.0f;
   if (!ignored) {
     float m = -INFINITY, s = 0.0f;
+#pragma unroll 4
     for (std::int64_t i = threadIdx.x; i < units; i += kRowThreads) {
       float v[kVec];
       if constexpr (kVec == 4) {
@@ -107,6 +108,7 @@ __global__ void __launch_bounds__(kRowThreads)
     row_nll[row] = 0.0f;
   }
   if (g.main == nullptr) return;
+#pragma unroll 4
   for (std::int64_t i = threadIdx.x; i < units; i += kRowThreads) {
     const std::int64_t v0 = i * kVec;
     float d[kVec];
