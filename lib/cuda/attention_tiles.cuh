@@ -9,6 +9,7 @@
 
 #include "cuda/mma_tiles.cuh"
 #include "qinggeng/cuda/attention.h"
+#include "qinggeng/cuda/attention_train.h"
 
 namespace qg::cuda::attn {
 
@@ -62,5 +63,10 @@ float softmax_scale_log2(int head_dim);
 /// Throws qg::Error unless head_dim is a compiled tile width and `kv` matches the batch.
 void check_attention_args(const AttentionBatch& batch, const PagedKvLayer& kv, const void* out,
                           const char* what);
+
+/// Throws qg::Error unless head_dim is a compiled tile width and the packed training batch is
+/// well-formed (attention_train.h).
+void check_train_attention_args(const TrainAttentionBatch& batch, int heads, int head_dim,
+                                const char* what);
 
 }  // namespace qg::cuda::attn

@@ -30,6 +30,11 @@ void append_mma_sync_tiles(std::vector<TileChoice>& out);
 /// and this build carries the sm_90a kernels.
 void append_wgmma_tiles(std::vector<TileChoice>& out);
 
+/// \brief dX = dY W on the wgmma pipeline (W [K, N] read MN-major); returns false, launching
+/// nothing, when this device or build has no sm_90a path or N is not a multiple of 64.
+bool launch_wgmma_nn(const __half* x, const __half* w, const tiles::Epilogue& e, std::int64_t K,
+                     cudaStream_t stream);
+
 /// \brief Decode GEMM for M <= kGemmSkinnyMaxM: every weight byte is read once for all M
 /// rows of x.
 void launch_gemm_skinny(const __half* x, const __half* w, const tiles::Epilogue& e,

@@ -4,6 +4,9 @@
 // mbarriers; two consumer warpgroups each run wgmma on 64 rows of the 128 x BN tile, keep one
 // batch in flight, and hand slots back through "empty" mbarriers. No CTA-wide barrier in the
 // main loop. TMA zero-fills rows and columns past M, N and K, so tails need no special code.
+// The same kernel also runs the training backward's dX = dY W (gemm_backward.h) with W read as
+// stored, [K, N]: TMA brings {64 columns, 64 k rows} boxes and wgmma reads B MN-major
+// (its transpose-B mode), so no transposed weight copy exists.
 // Built for sm_90a only (lib/CMakeLists.txt adds that target to this file); append_wgmma_tiles
 // offers these shapes only after a probe saw the sm_90a code run on the current device.
 #include <cuda.h>  // CUtensorMap (types only; the encoder comes through the runtime)
@@ -33,7 +36,8 @@ struct WgmmaShape {
 
 // ---- CUDA kernels ----
 
-template <class S>
+/// kBTrans false: W is [N, K] (a Linear weight, forward); true: W is [K, N] (dX = dY W).
+template <class S, bool kBTrans>
 __global__ void __launch_bounds__(S::Threads, 1)
     gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x,
                       const __grid_constant__ CUtensorMap map_w, Epilogue e, std::int64_t K) {
@@ -68,7 +72,15 @@ __global__ void __launch_bounds__(S::Threads, 1)
         unsigned char* a = smem + slot * S::StageBytes;
         wgmma::barrier_arrive_expect_bytes(&full[slot], S::StageBytes);
         wgmma::tma_load_2d(a, &map_x, kt * S::BK, m0, &full[slot]);
-        wgmma::tma_load_2d(a + S::ABytes, &map_w, kt * S::BK, n0, &full[slot]);
+        if constexpr (kBTrans) {
+          // BN / 64 boxes of {64 columns, BK k rows}, one after another.
+          for (int j = 0; j < S::BN / 64; ++j) {
+            wgmma::tma_load_2d(a + S::ABytes + j * 64 * S::BK * 2, &map_w, n0 + 64 * j,
+                               kt * S::BK, &full[slot]);
+          }
+        } else {
+          wgmma::tma_load_2d(a + S::ABytes, &map_w, kt * S::BK, n0, &full[slot]);
+        }
       }
     }
     return;
@@ -94,8 +106,15 @@ __global__ void __launch_bounds__(S::Threads, 1)
     for (int kk = 0; kk < S::BK / 16; ++kk) {
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
-        wgmma::wgmma_m64n128k16(acc[h], wgmma::smem_desc(a + kk * 16),
-                                wgmma::smem_desc(b + h * 128 * S::BK + kk * 16), 1);
+        if constexpr (kBTrans) {
+          // Columns h*128.. are boxes 2h, 2h + 1; k step kk is 16 rows of 128 bytes.
+          wgmma::wgmma_m64n128k16<1>(
+              acc[h], wgmma::smem_desc(a + kk * 16),
+              wgmma::smem_desc_mn(b + h * 128 * S::BK + kk * 16 * 64, 64 * S::BK * 2), 1);
+        } else {
+          wgmma::wgmma_m64n128k16(acc[h], wgmma::smem_desc(a + kk * 16),
+                                  wgmma::smem_desc(b + h * 128 * S::BK + kk * 16), 1);
+        }
       }
     }
     wgmma::commit();
@@ -167,17 +186,18 @@ CUtensorMap tensor_map(const __half* base, std::int64_t rows, std::int64_t K, in
   return map;
 }
 
-template <class S>
+template <class S, bool kBTrans = false>
 void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
                   cudaStream_t stream) {
   QG_CHECK(e.M < (std::int64_t{1} << 31) && e.N < (std::int64_t{1} << 31) &&
                K < (std::int64_t{1} << 31),
            "gemm_f16: sizes beyond 2^31 exceed TMA coordinates");
-  opt_in_shared_memory(reinterpret_cast<const void*>(gemm_wgmma_kernel<S>), S::SmemBytes);
+  const auto kernel = gemm_wgmma_kernel<S, kBTrans>;
+  opt_in_shared_memory(reinterpret_cast<const void*>(kernel), S::SmemBytes);
   const CUtensorMap map_x = tensor_map(x, e.M, K, S::BM);
-  const CUtensorMap map_w = tensor_map(w, e.N, K, S::BN);
-  gemm_wgmma_kernel<S><<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(
-      map_x, map_w, e, K);
+  // [K, N] read in {64 columns, BK rows} boxes, or [N, K] in {64, BN}.
+  const CUtensorMap map_w = kBTrans ? tensor_map(w, K, e.N, S::BK) : tensor_map(w, e.N, K, S::BN);
+  kernel<<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(map_x, map_w, e, K);
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -214,6 +234,18 @@ using Wide = WgmmaShape<256, 4>;    // 192 KiB smem, 128 fp32 accumulators per t
 using Square = WgmmaShape<128, 6>;  // 192 KiB smem, 64 accumulators
 
 }  // namespace
+
+bool launch_wgmma_nn(const __half* x, const __half* w, const tiles::Epilogue& e, std::int64_t K,
+                     cudaStream_t stream) {
+  if (!wgmma_runs_here() || e.N % 64 != 0) return false;
+  const std::int64_t wide = ((e.M + Wide::BM - 1) / Wide::BM) * (e.N / Wide::BN);
+  if (e.N % Wide::BN == 0 && wide >= multiprocessor_count()) {
+    launch_shape<Wide, true>(x, w, e, K, stream);
+  } else {
+    launch_shape<Square, true>(x, w, e, K, stream);
+  }
+  return true;
+}
 
 void append_wgmma_tiles(std::vector<TileChoice>& out) {
   if (!wgmma_runs_here()) return;

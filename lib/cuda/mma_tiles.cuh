@@ -87,7 +87,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a
 
 /// Device-side form of qg::cuda::GemmEpilogue plus the output it writes.
 struct Epilogue {
-  int kind = 0;  // 0 none, 1 bias, 2 bias+gelu, 3 bias+residual (GemmEpilogue::Kind order)
+  int kind = 0;  // 0 none, 1 bias, 2 bias+gelu, 3 bias+residual (GemmEpilogue::Kind order),
+                 // 4 residual without bias (the backward's y = residual * alpha + acc)
   const __half* bias = nullptr;
   const __half* residual = nullptr;
   float alpha = 1.0f;
@@ -103,6 +104,7 @@ __device__ __forceinline__ float gelu_tanh(float u) {
 __device__ __forceinline__ float apply_epilogue(const Epilogue& e, std::int64_t row,
                                                 std::int64_t col, float acc) {
   if (e.kind == 0) return acc;
+  if (e.kind == 4) return __half2float(e.residual[row * e.N + col]) * e.alpha + acc;
   float v = acc + __half2float(e.bias[col]);
   if (e.kind == 2) v = gelu_tanh(v);
   if (e.kind == 3) v = __half2float(e.residual[row * e.N + col]) * e.alpha + v;

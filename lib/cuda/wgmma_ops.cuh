@@ -41,7 +41,22 @@ __device__ __forceinline__ void wait() {
 #endif
 }
 
-/// d[64 x 128] (+)= A[64 x 16] · B[128 x 16]^T, both K-major in 128B-swizzled shared memory.
+/// Descriptor of an MN-major tile (kTransB operands): rows of 64 fp16 along N (128 bytes), one
+/// row per k, 8-row groups 1024 bytes apart, stored with the 128-byte swizzle as a TMA box of
+/// {64, k rows} lands; the next 64 columns of N start `column_block_bytes` later. Stepping K
+/// by 16 adds 16 rows (2048 bytes).
+__device__ __forceinline__ std::uint64_t smem_desc_mn(const void* smem,
+                                                      unsigned column_block_bytes) {
+  const auto addr = static_cast<std::uint64_t>(__cvta_generic_to_shared(smem));
+  return ((addr & 0x3ffff) >> 4)                                      // start address
+         | (static_cast<std::uint64_t>((column_block_bytes >> 4) & 0x3fff) << 16)  // leading
+         | (std::uint64_t{1024 >> 4} << 32)                            // stride: 8 k rows
+         | (std::uint64_t{1} << 62);                                   // 128-byte swizzle
+}
+
+/// d[64 x 128] (+)= A[64 x 16] · B[128 x 16]^T, A K-major and B K-major (kTransB = 0) or
+/// MN-major (kTransB = 1), in 128B-swizzled shared memory.
+template <int kTransB = 0>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t desc_a,
                                               std::uint64_t desc_b, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -52,7 +67,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),
         "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
@@ -69,7 +84,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
         "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
         "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransB));
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate;
   __trap();

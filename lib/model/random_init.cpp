@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -138,25 +139,33 @@ void write_random_model(const std::filesystem::path& dir, const io::ModelConfig&
   std::filesystem::rename(tmp, dir / "config.json");
 }
 
+GlmModel::WeightSource random_weight_source(const io::ModelConfig& config,
+                                            const RandomModelOptions& options) {
+  check_options(config, options);
+  struct State {
+    std::vector<TensorSpec> specs;
+    std::vector<std::byte> current;
+    io::TensorView view;
+  };
+  auto state = std::make_shared<State>();
+  state->specs = tensor_specs(config, options.tie_lm_head);
+  return [state, options](const std::string& name,
+                          const std::vector<std::int64_t>&) -> const io::TensorView* {
+    const auto& specs = state->specs;
+    const auto it = std::find_if(specs.begin(), specs.end(),
+                                 [&](const TensorSpec& s) { return s.name == name; });
+    if (it == specs.end()) return nullptr;
+    const auto k = static_cast<std::size_t>(it - specs.begin());
+    state->current = generate(*it, tensor_key(options.seed, k), options.dtype);
+    state->view = io::TensorView{name, options.dtype, it->shape, state->current.data(),
+                                 state->current.size(), "random weights"};
+    return &state->view;
+  };
+}
+
 GlmModel random_model(const io::ModelConfig& config, std::shared_ptr<Backend> backend,
                       const RandomModelOptions& options) {
-  check_options(config, options);
-  const auto specs = tensor_specs(config, options.tie_lm_head);
-  std::vector<std::byte> current;
-  io::TensorView view;
-  return GlmModel::from_source(
-      config,
-      [&](const std::string& name, const std::vector<std::int64_t>&) -> const io::TensorView* {
-        const auto it = std::find_if(specs.begin(), specs.end(),
-                                     [&](const TensorSpec& s) { return s.name == name; });
-        if (it == specs.end()) return nullptr;
-        const auto k = static_cast<std::size_t>(it - specs.begin());
-        current = generate(*it, tensor_key(options.seed, k), options.dtype);
-        view = io::TensorView{name, options.dtype, it->shape, current.data(), current.size(),
-                              "random weights"};
-        return &view;
-      },
-      std::move(backend));
+  return GlmModel::from_source(config, random_weight_source(config, options), std::move(backend));
 }
 
 }  // namespace qg::model

@@ -204,21 +204,21 @@ LoraShape ModelGrad::lora_shape(int layer, LoraTarget target, Index tokens,
   return s;
 }
 
-void ModelGrad::check_example(const TrainingExample& e) const {
+void check_training_example(const TrainingExample& e, const io::ModelConfig& config) {
   const Index T = static_cast<Index>(e.input_ids.size());
   QG_CHECK(T > 0, "TrainingExample: input_ids is empty");
-  QG_CHECK(T <= config_.max_sequence_length, "TrainingExample: ", T,
-           " input_ids exceed max_sequence_length ", config_.max_sequence_length);
+  QG_CHECK(T <= config.max_sequence_length, "TrainingExample: ", T,
+           " input_ids exceed max_sequence_length ", config.max_sequence_length);
   QG_CHECK(e.labels.size() == e.input_ids.size(), "TrainingExample: ", e.labels.size(),
            " labels for ", T, " input_ids");
   for (Index t = 0; t < T; ++t) {
     const int id = e.input_ids[static_cast<std::size_t>(t)];
     const int label = e.labels[static_cast<std::size_t>(t)];
-    QG_CHECK(id >= 0 && id < config_.vocab_size, "TrainingExample: input_ids[", t, "] = ", id,
-             " outside the vocabulary [0, ", config_.vocab_size, ")");
-    QG_CHECK(label == kIgnoreLabel || (label >= 0 && label < config_.vocab_size),
+    QG_CHECK(id >= 0 && id < config.vocab_size, "TrainingExample: input_ids[", t, "] = ", id,
+             " outside the vocabulary [0, ", config.vocab_size, ")");
+    QG_CHECK(label == kIgnoreLabel || (label >= 0 && label < config.vocab_size),
              "TrainingExample: labels[", t, "] = ", label, " is neither ", kIgnoreLabel,
-             " nor inside the vocabulary [0, ", config_.vocab_size, ")");
+             " nor inside the vocabulary [0, ", config.vocab_size, ")");
   }
   QG_CHECK(e.context_length >= 0 && e.context_length <= T, "TrainingExample: context_length ",
            e.context_length, " outside [0, ", T, "]");
@@ -353,7 +353,7 @@ void ModelGrad::layer_backward(int layer, const LayerState& s, const TrainingExa
 
 LossAndGrad ModelGrad::run(const TrainingExample& e, const GradOptions& options,
                            bool backward) const {
-  check_example(e);
+  check_training_example(e, config_);
   const Index T = static_cast<Index>(e.input_ids.size());
   const Index H = config_.hidden_size, V = config_.vocab_size;
   const int L = static_cast<int>(config_.num_layers);

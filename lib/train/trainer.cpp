@@ -1,6 +1,6 @@
-// The CPU training loop (include/qinggeng/train/trainer.h). The examples of a micro-batch are
-// computed in parallel, each into its own gradient, and summed in example order, so the
-// numbers do not depend on the thread count and a resumed run repeats an uninterrupted one.
+// The training loop (include/qinggeng/train/trainer.h) over a TrainableModel: the CPU
+// reference or the CUDA engine (trainable_model.h). Both give gradients that do not depend on
+// thread counts or timing, so a resumed run repeats an uninterrupted one.
 #include "qinggeng/train/trainer.h"
 
 #include <algorithm>
@@ -12,7 +12,6 @@
 #include <random>
 #include <sstream>
 
-#include "cpu/thread_pool.h"
 #include "qinggeng/error.h"
 #include "qinggeng/io/model_config.h"
 #include "qinggeng/io/safetensors.h"
@@ -20,11 +19,30 @@
 #include "qinggeng/lora/adapter_writer.h"
 #include "qinggeng/train/checkpoint.h"
 #include "qinggeng/train/metrics.h"
-#include "qinggeng/train/reference_model_grad.h"
+#include "qinggeng/train/loss_scaler.h"
+#include "qinggeng/train/trainable_model.h"
 
 namespace qg::train {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+// "cpu" -> -1, "cuda" -> 0, "cuda:N" -> N.
+int parse_train_device(const std::string& device, const char* origin) {
+  if (device == "cpu") return -1;
+  if (device == "cuda") return 0;
+  if (device.rfind("cuda:", 0) == 0) {
+    const std::string n = device.substr(5);
+    if (!n.empty() && n.size() < 4 &&
+        n.find_first_not_of("0123456789") == std::string::npos) {
+      return std::stoi(n);
+    }
+  }
+  fail(origin, ": unknown device '", device, "' (expected cpu, cuda or cuda:N)");
+}
+
+}  // namespace
 
 TrainMode parse_train_mode(const std::string& name, const std::string& origin) {
   if (name == "lora") return TrainMode::kLora;
@@ -76,6 +94,10 @@ void TrainerConfig::validate() const {
   QG_CHECK(output_dtype == DType::F32 || output_dtype == DType::F16 || output_dtype == DType::BF16,
            o, ": output_dtype must be F32, F16 or BF16");
   QG_CHECK(threads >= 0, o, ": threads must be >= 0");
+  const int gpu = parse_train_device(device, o);
+  QG_CHECK(gpu < 0 || mode == TrainMode::kLora, o,
+           ": full-parameter training runs on the CPU only (--device cpu); the GPU engine "
+           "trains LoRA adapters");
 }
 
 namespace {
@@ -127,22 +149,23 @@ struct Trainer::Impl {
   fs::path model_dir, output_dir;
   io::ModelConfig model_config;
   io::WeightStore store;
-  ModelGrad model;
+  std::unique_ptr<TrainableModel> model;
   std::vector<TrainingExample> train, eval;
   BatchPlanner planner;
   std::map<std::string, std::vector<float>> grads;
   std::vector<ParamRef> params;
   std::unique_ptr<Optimizer> optimizer;
+  LossScaler scaler;
   TrainState state;
   DataPosition position;
   std::mt19937_64 rng;
-  cpu::ThreadPool pool;
   std::int64_t total = 0;
+  std::string memory_plan;
 
   Impl(const fs::path& model_dir_, std::vector<TrainingExample> train_,
        std::vector<TrainingExample> eval_, const TrainerConfig& config_,
-       const fs::path& output_dir_, io::ModelConfig mc, io::WeightStore store_, ModelGrad model_,
-       BatchPlanner planner_)
+       const fs::path& output_dir_, io::ModelConfig mc, io::WeightStore store_,
+       std::unique_ptr<TrainableModel> model_, BatchPlanner planner_)
       : config(config_),
         model_dir(model_dir_),
         output_dir(output_dir_),
@@ -152,69 +175,41 @@ struct Trainer::Impl {
         train(std::move(train_)),
         eval(std::move(eval_)),
         planner(std::move(planner_)),
-        rng(config_.seed),
-        pool(config_.threads) {}
+        scaler(scaler_config(*model)),
+        rng(config_.seed) {}
+
+  static LossScalerConfig scaler_config(const TrainableModel& m) {
+    LossScalerConfig c;
+    c.enabled = m.uses_loss_scaling();
+    return c;
+  }
 
   fs::path checkpoint_root() const { return output_dir / "checkpoints"; }
 
-  // Runs `fn(i)` for every i in [0, n) on the pool; rethrows the first error.
-  void parallel(std::size_t n, const std::function<void(std::size_t)>& fn) {
-    std::mutex mutex;
-    std::exception_ptr error;
-    pool.parallel_for(static_cast<std::int64_t>(n), 1, [&](std::int64_t b, std::int64_t e) {
-      for (std::int64_t i = b; i < e; ++i) {
-        try {
-          fn(static_cast<std::size_t>(i));
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mutex);
-          if (!error) error = std::current_exception();
-        }
-      }
-    });
-    if (error) std::rethrow_exception(error);
-  }
-
   // Adds the gradient of one micro-batch (loss normalised over its scored tokens) into the
   // parameter gradients; returns its loss and token count.
-  std::pair<double, std::int64_t> micro_batch(const std::vector<std::size_t>& batch) {
+  MicroBatchLoss micro_batch(const std::vector<std::size_t>& batch) {
     double scored = 0;
-    std::int64_t tokens = 0;
+    std::vector<const TrainingExample*> examples;
     for (std::size_t i : batch) {
       scored += train[i].scored_tokens();
-      tokens += train[i].size();
+      examples.push_back(&train[i]);
     }
     std::vector<std::uint64_t> seeds(batch.size());
     for (auto& s : seeds) s = rng();
-    std::vector<LossAndGrad> results(batch.size());
-    parallel(batch.size(), [&](std::size_t k) {
-      GradOptions options;
-      options.checkpoint_layers = config.checkpoint_layers;
-      options.lora_dropout = true;
-      options.dropout_seed = seeds[k];
-      options.cross_entropy.normalizer = std::max(scored, 1.0);
-      results[k] = model.loss_and_grad(train[batch[k]], options);
-    });
-    double loss = 0;
-    for (LossAndGrad& r : results) {
-      loss += r.loss;
-      for (auto& [name, g] : r.grads) {
-        std::vector<float>& sum = grads.at(name);
-        for (std::size_t j = 0; j < g.size(); ++j) sum[j] += g[j];
-      }
-    }
-    return {loss, tokens};
+    return model->add_gradients(examples, seeds, std::max(scored, 1.0), scaler.scale(), grads);
   }
 
   void write_output() {
     fs::create_directories(output_dir);
     if (config.mode == TrainMode::kLora) {
-      lora::save_adapter(model.adapter(), output_dir, config.output_dtype);
+      lora::save_adapter(model->adapter(), output_dir, config.output_dtype);
       return;
     }
     std::vector<std::vector<std::uint16_t>> halves;
     std::vector<io::TensorToWrite> tensors;
-    for (const std::string& name : model.trainable()) {
-      const std::vector<float>& v = model.parameter(name);
+    for (const std::string& name : model->trainable()) {
+      const std::vector<float>& v = model->parameter(name);
       io::TensorToWrite t;
       t.name = name;
       t.shape = store.get(name).shape;
@@ -260,9 +255,15 @@ Trainer::Trainer(const fs::path& model_dir, std::vector<TrainingExample> train,
                " (lower --max-length)");
     }
   }
-  ModelGrad model = config.mode == TrainMode::kFull
-                        ? ModelGrad::full_parameter(mc, store)
-                        : ModelGrad::lora(mc, store, initial_adapter(config, mc, model_dir));
+  TrainableModelOptions engine;
+  engine.full_parameter = config.mode == TrainMode::kFull;
+  engine.checkpoint_layers = config.checkpoint_layers;
+  engine.threads = config.threads;
+  const lora::LoraAdapter adapter = initial_adapter(config, mc, model_dir);
+  const int cuda_device = parse_train_device(config.device, "TrainerConfig: device");
+  std::unique_ptr<TrainableModel> model =
+      cuda_device < 0 ? make_cpu_trainable_model(mc, store, adapter, engine)
+                      : make_cuda_trainable_model(mc, store, adapter, engine, cuda_device);
   std::vector<int> lengths;
   for (const TrainingExample& e : train) lengths.push_back(e.size());
   BatchPlanOptions plan;
@@ -275,8 +276,8 @@ Trainer::Trainer(const fs::path& model_dir, std::vector<TrainingExample> train,
                              std::move(mc), std::move(store), std::move(model), std::move(planner));
   Impl& s = *impl_;
 
-  for (const std::string& name : s.model.trainable()) {
-    std::vector<float>& value = s.model.parameter(name);
+  for (const std::string& name : s.model->trainable()) {
+    std::vector<float>& value = s.model->parameter(name);
     std::vector<float>& grad = s.grads[name];
     grad.assign(value.size(), 0.0f);
     s.params.push_back({name, value.data(), grad.data(), value.size(), decays(name)});
@@ -285,6 +286,19 @@ Trainer::Trainer(const fs::path& model_dir, std::vector<TrainingExample> train,
                            ? OptimizerConfig::lion(static_cast<float>(config.weight_decay))
                            : OptimizerConfig::adamw(static_cast<float>(config.weight_decay));
   s.optimizer = std::make_unique<Optimizer>(oc, s.params);
+
+  // The largest micro-batch the planner can form bounds what the engine must hold.
+  std::int64_t longest = 0;
+  for (const auto* set : {&s.train, &s.eval}) {
+    for (const TrainingExample& e : *set) longest = std::max<std::int64_t>(longest, e.size());
+  }
+  std::int64_t bound = config.batch_size > 0
+                           ? static_cast<std::int64_t>(config.batch_size) * longest
+                           : static_cast<std::int64_t>(s.train.size()) * longest;
+  if (config.max_tokens > 0) {
+    bound = std::min(bound, std::max(static_cast<std::int64_t>(config.max_tokens), longest));
+  }
+  s.memory_plan = s.model->reserve(bound);
 
   const auto batches = static_cast<std::int64_t>(s.planner.epoch_batches(0).size());
   s.total = config.max_steps > 0
@@ -309,7 +323,9 @@ Trainer::~Trainer() = default;
 std::int64_t Trainer::total_steps() const { return impl_->total; }
 std::int64_t Trainer::warmup_steps() const { return impl_->state.schedule.warmup_steps; }
 std::int64_t Trainer::step() const { return impl_->state.step; }
-const std::vector<std::string>& Trainer::trainable() const { return impl_->model.trainable(); }
+const std::vector<std::string>& Trainer::trainable() const { return impl_->model->trainable(); }
+std::string Trainer::device_name() const { return impl_->model->device_name(); }
+const std::string& Trainer::memory_plan() const { return impl_->memory_plan; }
 
 std::optional<std::int64_t> Trainer::resume() {
   Impl& s = *impl_;
@@ -317,6 +333,7 @@ std::optional<std::int64_t> Trainer::resume() {
   if (!dir) return std::nullopt;
   TrainState state;
   load_checkpoint(*dir, state, *s.optimizer);
+  s.model->parameters_updated();  // the restored masters go to the engine's device copy
   const std::string origin = (*dir / "train_state.json").string();
   s.position = DataPosition::from_json(state.data_position, origin);
   QG_CHECK(s.position.fingerprint == s.planner.fingerprint(), origin,
@@ -325,19 +342,16 @@ std::optional<std::int64_t> Trainer::resume() {
   // The schedule follows this run's settings (a resumed run may extend max_steps).
   state.schedule = s.state.schedule;
   s.state = state;
+  s.scaler.set_state(state.loss_scaler);
   return state.step;
 }
 
 EvalReport Trainer::evaluate() const {
   Impl& s = *impl_;
   QG_CHECK(!s.eval.empty(), "Trainer: no eval examples to evaluate on");
-  std::vector<double> nll(s.eval.size());
-  s.parallel(s.eval.size(), [&](std::size_t i) {
-    GradOptions options;
-    options.lora_dropout = false;
-    options.cross_entropy.normalizer = 1.0;  // summed NLL
-    nll[i] = s.model.loss(s.eval[i], options);
-  });
+  std::vector<const TrainingExample*> examples;
+  for (const TrainingExample& e : s.eval) examples.push_back(&e);
+  const std::vector<double> nll = s.model->summed_nll(examples);
   EvalReport r;
   double sum = 0;
   for (std::size_t i = 0; i < nll.size(); ++i) {
@@ -363,6 +377,7 @@ TrainResult Trainer::run(const std::atomic<bool>* stop,
     s.state.epoch = static_cast<std::int64_t>(s.position.epoch);
     s.state.data_position = s.position.to_json();
     s.state.rng = rng_to_string(s.rng);
+    s.state.loss_scaler = s.scaler.state();
     save_checkpoint(s.checkpoint_root(), s.state, *s.optimizer, s.config.keep_checkpoints);
   };
   const auto run_eval = [&](std::int64_t step) {
@@ -386,17 +401,20 @@ TrainResult Trainer::run(const std::atomic<bool>* stop,
     double loss = 0;
     std::int64_t tokens = 0;
     for (int k = 0; k < s.config.grad_accum; ++k) {
-      const auto [l, t] = s.micro_batch(s.planner.next(s.position));
-      loss += l;
-      tokens += t;
+      const MicroBatchLoss m = s.micro_batch(s.planner.next(s.position));
+      loss += m.loss;
+      tokens += m.tokens;
       accumulate.add(s.params);
     }
     loss /= s.config.grad_accum;
     const ClipResult clip = clip_grad_norm(s.params, s.config.clip);
     const double lr = s.state.schedule.lr(s.state.step);
-    // A non-finite gradient would wreck every parameter: the step is skipped, as fp16
-    // training with a loss scaler skips overflow steps.
-    if (clip.finite) s.optimizer->step(static_cast<float>(lr));
+    // A non-finite gradient would wreck every parameter: the step is skipped, and an fp16
+    // engine's loss scale backs off (as torch.cuda.amp.GradScaler does).
+    if (s.scaler.update(clip.finite)) {
+      s.optimizer->step(static_cast<float>(lr));
+      s.model->parameters_updated();
+    }
     zero_grads(s.params);
     ++s.state.step;
     run_tokens += tokens;

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -22,6 +23,9 @@ class DeviceBuffer {
     QG_CUDA_CHECK(cudaMalloc(&ptr_, (count ? count : 1) * sizeof(T)));
   }
   ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(DeviceBuffer&& other) noexcept : ptr_(other.ptr_), count_(other.count_) {
+    other.ptr_ = nullptr;
+  }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   T* get() { return ptr_; }
@@ -59,6 +63,35 @@ inline HostMatrix download_fp16(DeviceBuffer<__half>& src, std::int64_t rows, st
   HostMatrix m{rows, cols, std::vector<float>(static_cast<std::size_t>(rows * cols))};
   for (std::size_t i = 0; i < m.data.size(); ++i) m.data[i] = __half2float(h[i]);
   return m;
+}
+
+/// A random host matrix rounded through fp16.
+inline HostMatrix random_fp16(std::int64_t rows, std::int64_t cols, std::uint32_t seed,
+                              float scale = 1.0f, float mean = 0.0f) {
+  return round_to_fp16(random_matrix(rows, cols, seed, scale, mean));
+}
+
+/// A host matrix on the device as fp16.
+struct DeviceMatrix {
+  explicit DeviceMatrix(const HostMatrix& m)
+      : rows(m.rows), cols(m.cols), buf(static_cast<std::size_t>(m.rows * m.cols)) {
+    upload_fp16(buf, m);
+  }
+  DeviceMatrix(std::int64_t r, std::int64_t c)
+      : rows(r), cols(c), buf(static_cast<std::size_t>(r * c)) {}
+  HostMatrix host() { return download_fp16(buf, rows, cols); }
+  std::int64_t rows, cols;
+  DeviceBuffer<__half> buf;
+};
+
+/// ||a - b|| / ||b|| (0 when both vanish): the tolerance measure of gradients.
+inline double relative_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 1e-30;
+  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return a.size() == b.size() ? std::sqrt(num / den) : 1e30;
 }
 
 }  // namespace qg::test

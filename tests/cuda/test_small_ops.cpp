@@ -15,23 +15,8 @@ namespace {
 using qg::test::DeviceBuffer;
 using qg::test::HostMatrix;
 
-HostMatrix random_fp16(std::int64_t rows, std::int64_t cols, std::uint32_t seed, float scale = 1.0f,
-                       float mean = 0.0f) {
-  return qg::test::round_to_fp16(qg::test::random_matrix(rows, cols, seed, scale, mean));
-}
-
-/// A host matrix on the device as fp16.
-struct DeviceMatrix {
-  explicit DeviceMatrix(const HostMatrix& m)
-      : rows(m.rows), cols(m.cols), buf(static_cast<std::size_t>(m.rows * m.cols)) {
-    qg::test::upload_fp16(buf, m);
-  }
-  DeviceMatrix(std::int64_t r, std::int64_t c)
-      : rows(r), cols(c), buf(static_cast<std::size_t>(r * c)) {}
-  HostMatrix host() { return qg::test::download_fp16(buf, rows, cols); }
-  std::int64_t rows, cols;
-  DeviceBuffer<__half> buf;
-};
+using qg::test::DeviceMatrix;
+using qg::test::random_fp16;
 
 const std::vector<std::int64_t> kWidths = {8, 100, 4096, 4099};
 

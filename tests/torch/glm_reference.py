@@ -31,7 +31,7 @@ def rotate_half(x):
 
 def apply_rotary(x, positions, rot_dim):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
-    inv_freq = inv_freq.to(torch.float16).to(torch.float32)
+    inv_freq = inv_freq.to(torch.float16).to(torch.float32).to(positions.device)
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)  # [n, rot_dim]
     cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
@@ -65,10 +65,11 @@ def forward(weights, cfg, ids, lora=None):
     alpha = math.sqrt(2 * 28)
     pos, block, ctx = glm_layout(ids, cfg)
     n = len(ids)
-    pos_t, block_t = torch.tensor(pos), torch.tensor(block)
-    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    dev = w["transformer.word_embeddings.weight"].device
+    pos_t, block_t = torch.tensor(pos, device=dev), torch.tensor(block, device=dev)
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev))
     allowed[:, :ctx] = True
-    x = w["transformer.word_embeddings.weight"][torch.tensor(ids)]
+    x = w["transformer.word_embeddings.weight"][torch.tensor(ids, device=dev)]
     for i in range(cfg["num_layers"]):
         p = f"transformer.layers.{i}."
         a = torch.nn.functional.layer_norm(x, (H,), w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps)

@@ -44,6 +44,8 @@ def skeleton(cfg):  # also used by make_peft_fixture.py
             setattr(getattr(layer, MODULES[name]), name, torch.nn.Linear(i, o, device="meta"))
         layers.append(layer)
     root.transformer.layers = torch.nn.ModuleList(layers)
+    # PeftModelForCausalLM (task_type CAUSAL_LM) asks the base model for this hook.
+    root.prepare_inputs_for_generation = lambda *args, **kwargs: {}
     return root.to_empty(device="cpu")  # real (uninitialised) storage: PEFT copies into it
 
 

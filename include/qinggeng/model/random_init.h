@@ -26,6 +26,11 @@ struct RandomModelOptions {
 void write_random_model(const std::filesystem::path& dir, const io::ModelConfig& config,
                         const RandomModelOptions& options = {});
 
+/// \brief The tensors write_random_model would store, generated on request (a view stays valid
+/// until the next call), for engines that load from a GlmModel::WeightSource.
+GlmModel::WeightSource random_weight_source(const io::ModelConfig& config,
+                                            const RandomModelOptions& options = {});
+
 /// \brief A model with the same random weights write_random_model would store, built straight
 /// on `backend` without files (benchmarks of 6B shapes).
 GlmModel random_model(const io::ModelConfig& config, std::shared_ptr<Backend> backend,

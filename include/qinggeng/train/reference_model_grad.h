@@ -49,6 +49,11 @@ struct LossAndGrad {
 /// "base_model.model.transformer.layers.{layer}.<module>.lora_A.weight" (which = 'A' or 'B').
 std::string lora_parameter_name(int layer, lora::LoraTarget target, char which);
 
+/// \brief Checks that `example` fits a model of `config` (every engine calls this first).
+/// \throws qg::Error naming the field for ids or labels outside the vocabulary, lengths that
+/// differ, a layout outside the sequence, or more than max_sequence_length tokens.
+void check_training_example(const TrainingExample& example, const io::ModelConfig& config);
+
 /// \brief Reference loss and gradients of a ChatGLM model, in host float32.
 class ModelGrad {
  public:
@@ -99,7 +104,6 @@ class ModelGrad {
                      const GradOptions& options, LayerState& s) const;
   void layer_backward(int layer, const LayerState& s, const TrainingExample& example,
                       const GradOptions& options, std::vector<float>& dx, Trainables& grads) const;
-  void check_example(const TrainingExample& example) const;
   const float* weight(const std::string& name) const;
   bool adapted(int layer, lora::LoraTarget target) const;
   LoraShape lora_shape(int layer, lora::LoraTarget target, std::int64_t tokens,

@@ -1,5 +1,5 @@
-// Trainer: the training loop of qg-train on the CPU reference (ModelGrad), for LoRA adapters
-// or full-parameter training of small models. It ties together the pieces of this directory:
+// Trainer: the training loop of qg-train, for LoRA adapters (CPU or GPU, trainable_model.h)
+// or full-parameter training of small models (CPU). It ties together the pieces of this directory:
 // BatchPlanner batches -> per-example ModelGrad gradients (the loss normalised over the
 // batch's scored tokens) -> gradient accumulation -> clipping -> Lion/AdamW with a warmup
 // schedule, with periodic evaluation, metrics (JSONL + TensorBoard), resumable checkpoints and
@@ -75,6 +75,8 @@ struct TrainerConfig {
   DType output_dtype = DType::F16;  ///< dtype of the final adapter or model weights
   bool checkpoint_layers = false;   ///< activation checkpointing in ModelGrad
   int threads = 0;         ///< examples of a batch computed in parallel (0: hardware threads)
+  /// "cpu" (the float32 reference) or "cuda" / "cuda:N" (fp16 with loss scaling, LoRA only).
+  std::string device = "cpu";
   std::uint64_t seed = 1;  ///< data order, LoRA initialisation and dropout
 
   /// \brief \throws qg::Error naming the field for an out-of-range setting.
@@ -151,6 +153,10 @@ class Trainer {
   std::int64_t warmup_steps() const;
   /// \brief Steps done so far.
   std::int64_t step() const;
+  /// \brief Where training runs ("cpu", "cuda:0 (NVIDIA ...)").
+  std::string device_name() const;
+  /// \brief The engine's memory plan for the largest micro-batch ("" on the CPU).
+  const std::string& memory_plan() const;
   /// \brief Names of the trained parameters (LoRA factors or every weight).
   const std::vector<std::string>& trainable() const;
 
