@@ -1,7 +1,8 @@
 // Small fp16 ops (see include/qinggeng/cuda/elementwise.h). Every kernel is a grid-stride loop
 // over "units": 8 halves (one 16-byte access) when the launcher found sizes and pointers
 // aligned, else single halves. The row gathers share one kernel for int32 and int64 indices;
-// gelu and its backward share one kernel.
+// gelu, its out-of-place form and its backward share one kernel. The embedding backward is a
+// scatter-add: one fp32 atomic per element, since ids repeat arbitrarily.
 #include <cstdint>
 
 #include "cuda/check.h"
@@ -23,14 +24,14 @@ __device__ __forceinline__ float gelu(float u) {
 
 // d gelu_tanh(u) / du.
 __device__ __forceinline__ float gelu_grad(float u) {
-  constexpr float k = 0.7978845608028654f;
-  const float t = tanhf(k * u * (1.0f + 0.044715f * u * u));
-  return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * u * u);
+  constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
+  const float t = tanhf(kC * u * (1.0f + kA * u * u));
+  return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * kC * (1.0f + 3.0f * kA * u * u);
 }
 
 // ---- CUDA kernels ----
 
-// out = gelu(x) (dy null), or out = gelu'(x) * dy; out may alias x or dy.
+/// out = gelu(x) when dy is null, else out = gelu'(x) * dy; out may alias x or dy.
 template <int kVec>
 __global__ void gelu_kernel(const __half* x, const __half* dy, __half* out, std::int64_t units) {
   const auto* px = reinterpret_cast<const HalfVec<kVec>*>(x);
@@ -54,27 +55,23 @@ __global__ void gelu_kernel(const __half* x, const __half* dy, __half* out, std:
   }
 }
 
+/// dtable[ids[r], c] += dout[r, c] over units of kVec columns (units_per_row per row).
+template <int kVec>
 __global__ void embedding_backward_kernel(const int* ids, std::int64_t n, const __half* dout,
-                                          std::int64_t vocab, std::int64_t cols, float* dtable) {
-  const std::int64_t total = n * cols;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+                                          std::int64_t vocab, std::int64_t units_per_row,
+                                          float* dtable) {
+  const auto* pd = reinterpret_cast<const HalfVec<kVec>*>(dout);
+  const std::int64_t units = n * units_per_row;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t r = i / cols, c = i % cols;
+    const std::int64_t r = i / units_per_row, c = i % units_per_row;
     const std::int64_t id = ids[r];
-    if (id >= 0 && id < vocab) atomicAdd(dtable + id * cols + c, __half2float(dout[i]));
+    if (id < 0 || id >= vocab) continue;
+    const HalfVec<kVec> d = pd[i];
+    float* dst = dtable + (id * units_per_row + c) * kVec;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) atomicAdd(dst + k, __half2float(d.v[k]));
   }
-}
-
-void launch_gelu(const __half* x, const __half* dy, std::int64_t count, __half* out,
-                 cudaStream_t stream, const char* op) {
-  QG_CHECK(x && out && count >= 0, op, ": null pointer or negative count ", count);
-  if (count == 0) return;
-  if (count % 8 == 0 && aligned16(x) && aligned16(out) && (dy == nullptr || aligned16(dy))) {
-    gelu_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(x, dy, out, count / 8);
-  } else {
-    gelu_kernel<1><<<grid_for(count), 256, 0, stream>>>(x, dy, out, count);
-  }
-  QG_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int kVec>
@@ -127,6 +124,19 @@ void launch_gather(const __half* x, std::int64_t x_rows, std::int64_t cols, cons
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
+/// gelu_kernel over `count` values: vectorised when sizes and every pointer allow.
+void launch_gelu(const __half* x, const __half* dy, std::int64_t count, __half* out,
+                 cudaStream_t stream, const char* op) {
+  QG_CHECK(x && out && count >= 0, op, ": null pointer or negative count ", count);
+  if (count == 0) return;
+  if (count % 8 == 0 && aligned16(x) && aligned16(out) && (dy == nullptr || aligned16(dy))) {
+    gelu_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(x, dy, out, count / 8);
+  } else {
+    gelu_kernel<1><<<grid_for(count), 256, 0, stream>>>(x, dy, out, count);
+  }
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 // ---- kernel launchers ----
@@ -157,12 +167,17 @@ void gelu_tanh_backward(const __half* x, const __half* dy, std::int64_t count, _
 
 void embedding_backward(const int* ids, std::int64_t n, const __half* dout, std::int64_t vocab,
                         std::int64_t cols, float* dtable, cudaStream_t stream) {
-  QG_CHECK(ids && dout && dtable && n >= 0 && vocab > 0 && cols > 0,
-           "embedding_backward: null pointer or bad size (n ", n, ", vocab ", vocab, ", cols ",
-           cols, ")");
+  QG_CHECK(ids && dout && dtable, "embedding_backward: null pointer");
+  QG_CHECK(n >= 0 && vocab > 0 && cols > 0, "embedding_backward: bad size (n ", n, ", vocab ",
+           vocab, ", cols ", cols, ")");
   if (n == 0) return;
-  embedding_backward_kernel<<<grid_for(n * cols), 256, 0, stream>>>(ids, n, dout, vocab, cols,
-                                                                    dtable);
+  if (cols % 8 == 0 && aligned16(dout)) {
+    embedding_backward_kernel<8><<<grid_for(n * cols / 8), 256, 0, stream>>>(
+        ids, n, dout, vocab, cols / 8, dtable);
+  } else {
+    embedding_backward_kernel<1><<<grid_for(n * cols), 256, 0, stream>>>(ids, n, dout, vocab,
+                                                                         cols, dtable);
+  }
   QG_CUDA_CHECK(cudaGetLastError());
 }
 

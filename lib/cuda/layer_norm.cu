@@ -1,7 +1,17 @@
 // Row LayerNorm in fp16 with fp32 statistics (see include/qinggeng/cuda/layer_norm.h), and its
-// training pair: the forward that saves mean and rstd, and the backward.
-// One 256-thread block per row; the row is read three times (sum, centred sum of squares,
-// normalise), the second and third times from L1/L2 (a 4096-wide row is 8 KB).
+// training pair: the forward that also saves mean and rstd, and the backward.
+//
+// Forward: one 256-thread block per row; the row is read three times (sum, centred sum of
+// squares, normalise), the second and third times from L1/L2 (a 4096-wide row is 8 KB).
+//
+// Backward: a row is read twice (the two row sums, then dx), again the second time from L1/L2.
+// dgamma and dbeta are column sums over all rows. Without them one block takes one row; with
+// them a grid of about two blocks per SM strides over the rows and every block keeps its own
+// partial column sums in shared memory (each thread always owns the same columns, so no
+// shared atomics), added to dgamma/dbeta with one fp32 atomic per column and block at the end:
+// rows x cols atomics become (blocks) x cols. Rows too wide for the shared partials fall back
+// to one atomic per element.
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/check.h"
@@ -14,8 +24,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
+/// Where layer_norm_backward_kernel collects dgamma / dbeta.
+enum class ParamGrads {
+  None,    ///< frozen norm: neither is wanted
+  Shared,  ///< per-block partial column sums in shared memory, flushed once per block
+  Global,  ///< one fp32 atomic per element straight into dgamma / dbeta (very wide rows)
+};
+
 // ---- CUDA kernels ----
 
+/// Sum of `v` over the block; every thread gets the total.
 __device__ float block_sum(float v, float* scratch) {
   for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -27,6 +45,25 @@ __device__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+/// block_sum of two values at once (one pair of barriers).
+__device__ float2 block_sum2(float2 v, float2* scratch) {
+  for (int off = 16; off > 0; off /= 2) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float2 total{0.0f, 0.0f};
+  for (int w = 0; w < kThreads / 32; ++w) {
+    total.x += scratch[w].x;
+    total.y += scratch[w].y;
+  }
+  return total;
+}
+
+/// One block per row; mean_out / rstd_out (both or neither) receive the row statistics.
 template <int kVec>
 __global__ void __launch_bounds__(kThreads)
     layer_norm_kernel(const __half* x, const __half* gamma, const __half* beta, float eps,
@@ -71,48 +108,73 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy * gamma; dgamma/dbeta column sums
-// by fp32 atomics (full-parameter training only: LoRA leaves them null).
-template <int kVec>
+/// dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy * gamma, xhat = (x - mean) rstd,
+/// for rows blockIdx.x, blockIdx.x + gridDim.x, ...; dgamma += dy xhat and dbeta += dy summed
+/// over the rows as kGrads says (dynamic shared memory: 2 * cols floats for Shared).
+template <int kVec, ParamGrads kGrads>
 __global__ void __launch_bounds__(kThreads)
     layer_norm_backward_kernel(const __half* x, const __half* gamma, const float* mean,
-                               const float* rstd, const __half* dy, std::int64_t cols,
-                               __half* dx, float* dgamma, float* dbeta) {
-  __shared__ float scratch[kThreads / 32];
+                               const float* rstd, const __half* dy, std::int64_t rows,
+                               std::int64_t cols, __half* dx, float* dgamma, float* dbeta) {
+  extern __shared__ float partial[];  // [2][cols]: dgamma, dbeta (Shared only)
+  __shared__ float2 scratch[kThreads / 32];
   const std::int64_t units = cols / kVec;
-  const std::int64_t base = static_cast<std::int64_t>(blockIdx.x) * cols;
-  const auto* xr = reinterpret_cast<const HalfVec<kVec>*>(x + base);
-  const auto* dyr = reinterpret_cast<const HalfVec<kVec>*>(dy + base);
   const auto* g = reinterpret_cast<const HalfVec<kVec>*>(gamma);
-  const float mu = mean[blockIdx.x], inv = rstd[blockIdx.x];
-  float s1 = 0.0f, s2 = 0.0f;
-  for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-    const HalfVec<kVec> xv = xr[i], dv = dyr[i], gv = g[i];
+  float* part_gamma = kGrads == ParamGrads::Shared ? partial : dgamma;
+  float* part_beta = kGrads == ParamGrads::Shared ? partial + cols : dbeta;
+  if constexpr (kGrads == ParamGrads::Shared) {
+    for (std::int64_t c = threadIdx.x; c < 2 * cols; c += kThreads) partial[c] = 0.0f;
+    __syncthreads();  // zeroed by column, accumulated by unit: other threads' columns
+  }
+  for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const std::int64_t base = row * cols;
+    const auto* xr = reinterpret_cast<const HalfVec<kVec>*>(x + base);
+    const auto* dyr = reinterpret_cast<const HalfVec<kVec>*>(dy + base);
+    const float mu = mean[row], inv = rstd[row];
+    float2 sums{0.0f, 0.0f};  // sum g, sum g xhat
+    for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
+      const HalfVec<kVec> xv = xr[i], dv = dyr[i], gv = g[i];
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float gd = __half2float(dv.v[k]) * __half2float(gv.v[k]);
-      s1 += gd;
-      s2 += gd * (__half2float(xv.v[k]) - mu) * inv;
+      for (int k = 0; k < kVec; ++k) {
+        const float gd = __half2float(dv.v[k]) * __half2float(gv.v[k]);
+        sums.x += gd;
+        sums.y += gd * (__half2float(xv.v[k]) - mu) * inv;
+      }
+    }
+    sums = block_sum2(sums, scratch);
+    const float mean_g = sums.x / static_cast<float>(cols);
+    const float mean_gx = sums.y / static_cast<float>(cols);
+    auto* out = reinterpret_cast<HalfVec<kVec>*>(dx + base);
+    for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
+      const HalfVec<kVec> xv = xr[i], dv = dyr[i], gv = g[i];
+      HalfVec<kVec> r;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float xhat = (__half2float(xv.v[k]) - mu) * inv;
+        const float d = __half2float(dv.v[k]);
+        r.v[k] = __float2half_rn(inv * (d * __half2float(gv.v[k]) - mean_g - xhat * mean_gx));
+        const std::int64_t c = i * kVec + k;
+        if constexpr (kGrads == ParamGrads::Shared) {
+          part_gamma[c] += d * xhat;
+          part_beta[c] += d;
+        } else if constexpr (kGrads == ParamGrads::Global) {
+          if (part_gamma != nullptr) atomicAdd(part_gamma + c, d * xhat);
+          if (part_beta != nullptr) atomicAdd(part_beta + c, d);
+        }
+      }
+      out[i] = r;  // dx may alias dy: this unit was last read above, by this thread
     }
   }
-  const float n = static_cast<float>(cols);
-  const float mean_g = block_sum(s1, scratch) / n;
-  const float mean_gx = block_sum(s2, scratch) / n;
-  auto* out = reinterpret_cast<HalfVec<kVec>*>(dx + base);
-  for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-    const HalfVec<kVec> xv = xr[i], dv = dyr[i], gv = g[i];
-    HalfVec<kVec> r;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float xhat = (__half2float(xv.v[k]) - mu) * inv;
-      const float d = __half2float(dv.v[k]);
-      r.v[k] = __float2half_rn(inv * (d * __half2float(gv.v[k]) - mean_g - xhat * mean_gx));
-      if (dgamma != nullptr) atomicAdd(dgamma + i * kVec + k, d * xhat);
-      if (dbeta != nullptr) atomicAdd(dbeta + i * kVec + k, d);
+  if constexpr (kGrads == ParamGrads::Shared) {
+    __syncthreads();
+    for (std::int64_t c = threadIdx.x; c < cols; c += kThreads) {
+      if (dgamma != nullptr) atomicAdd(dgamma + c, part_gamma[c]);
+      if (dbeta != nullptr) atomicAdd(dbeta + c, part_beta[c]);
     }
-    out[i] = r;  // dx may alias dy: this unit was read above by this thread only
   }
 }
+
+// ---- kernel launchers ----
 
 void check_sizes(std::int64_t rows, std::int64_t cols, float eps, const char* op) {
   QG_CHECK(rows >= 0 && cols > 0 && eps >= 0.0f, op, ": rows ", rows, ", cols ", cols, ", eps ",
@@ -126,16 +188,58 @@ void launch_layer_norm(const __half* x, const __half* gamma, const __half* beta,
   if (rows == 0) return;
   const unsigned grid = static_cast<unsigned>(rows);
   if (cols % 8 == 0 && aligned16(x) && aligned16(gamma) && aligned16(beta) && aligned16(out)) {
-    layer_norm_kernel<8><<<grid, kThreads, 0, stream>>>(x, gamma, beta, eps, cols, out, mean, rstd);
+    layer_norm_kernel<8><<<grid, kThreads, 0, stream>>>(x, gamma, beta, eps, cols, out, mean,
+                                                        rstd);
   } else {
-    layer_norm_kernel<1><<<grid, kThreads, 0, stream>>>(x, gamma, beta, eps, cols, out, mean, rstd);
+    layer_norm_kernel<1><<<grid, kThreads, 0, stream>>>(x, gamma, beta, eps, cols, out, mean,
+                                                        rstd);
   }
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
-}  // namespace
+template <int kVec, ParamGrads kGrads>
+void launch_backward(const __half* x, const __half* gamma, const float* mean, const float* rstd,
+                     const __half* dy, std::int64_t rows, std::int64_t cols, __half* dx,
+                     float* dgamma, float* dbeta, unsigned grid, std::size_t shared_bytes,
+                     cudaStream_t stream) {
+  auto* kernel = layer_norm_backward_kernel<kVec, kGrads>;
+  if (shared_bytes > 48 * 1024) {
+    QG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(shared_bytes)));
+  }
+  kernel<<<grid, kThreads, shared_bytes, stream>>>(x, gamma, mean, rstd, dy, rows, cols, dx,
+                                                   dgamma, dbeta);
+  QG_CUDA_CHECK(cudaGetLastError());
+}
 
-// ---- kernel launchers ----
+template <int kVec>
+void launch_backward_vec(const __half* x, const __half* gamma, const float* mean,
+                         const float* rstd, const __half* dy, std::int64_t rows,
+                         std::int64_t cols, __half* dx, float* dgamma, float* dbeta,
+                         cudaStream_t stream) {
+  if (dgamma == nullptr && dbeta == nullptr) {
+    return launch_backward<kVec, ParamGrads::None>(x, gamma, mean, rstd, dy, rows, cols, dx,
+                                                   nullptr, nullptr,
+                                                   static_cast<unsigned>(rows), 0, stream);
+  }
+  int device = 0, sms = 0, max_shared = 0;
+  QG_CUDA_CHECK(cudaGetDevice(&device));
+  QG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  QG_CUDA_CHECK(
+      cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const std::size_t shared_bytes = 2 * static_cast<std::size_t>(cols) * sizeof(float);
+  if (shared_bytes + kThreads / 32 * sizeof(float2) > static_cast<std::size_t>(max_shared)) {
+    return launch_backward<kVec, ParamGrads::Global>(x, gamma, mean, rstd, dy, rows, cols, dx,
+                                                     dgamma, dbeta,
+                                                     static_cast<unsigned>(rows), 0, stream);
+  }
+  const std::int64_t blocks = std::min<std::int64_t>(rows, 2 * static_cast<std::int64_t>(sms));
+  launch_backward<kVec, ParamGrads::Shared>(x, gamma, mean, rstd, dy, rows, cols, dx, dgamma,
+                                            dbeta, static_cast<unsigned>(blocks), shared_bytes,
+                                            stream);
+}
+
+}  // namespace
 
 void layer_norm(const __half* x, const __half* gamma, const __half* beta, float eps,
                 std::int64_t rows, std::int64_t cols, __half* out, cudaStream_t stream) {
@@ -160,15 +264,11 @@ void layer_norm_backward(const __half* x, const __half* gamma, const float* mean
   QG_CHECK(x && gamma && mean && rstd && dy && dx, "layer_norm_backward: null pointer");
   check_sizes(rows, cols, 0.0f, "layer_norm_backward");
   if (rows == 0) return;
-  const unsigned grid = static_cast<unsigned>(rows);
   if (cols % 8 == 0 && aligned16(x) && aligned16(gamma) && aligned16(dy) && aligned16(dx)) {
-    layer_norm_backward_kernel<8><<<grid, kThreads, 0, stream>>>(x, gamma, mean, rstd, dy, cols,
-                                                                 dx, dgamma, dbeta);
+    launch_backward_vec<8>(x, gamma, mean, rstd, dy, rows, cols, dx, dgamma, dbeta, stream);
   } else {
-    layer_norm_backward_kernel<1><<<grid, kThreads, 0, stream>>>(x, gamma, mean, rstd, dy, cols,
-                                                                 dx, dgamma, dbeta);
+    launch_backward_vec<1>(x, gamma, mean, rstd, dy, rows, cols, dx, dgamma, dbeta, stream);
   }
-  QG_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace qg::cuda

@@ -1,35 +1,78 @@
-// LoRA of a training step (include/qinggeng/cuda/lora_train.h). Three memory-bound kernels,
-// each used twice, with fp32 accumulation and fp32 factors read in place:
+// LoRA of a training step (include/qinggeng/cuda/lora_train.h): memory-bound passes over the
+// activations with fp32 accumulation and the fp32 factors read in place. Every pass is one
+// kernel, lora_pass_kernel, that streams a [tokens, width] fp16 matrix once and does any of
 //
-//   shrink  s[t, r] = sum_i in[t, i] W(r, i)          u = dropout(x) A^T,  v = dy B
-//   expand  o[t, j] += scale sum_r s[t, r] W(r, j)     y += scale u B^T,   dx += scale v A
-//   outer   G(j, r) += scale sum_t in[t, j] s[t, r]    dB += scale dy^T u, dA += scale v^T x~
+//   shrink  s[t, r] = sum_j in~[t, j] W(j, r)         u = x~ A^T  (forward),  v = dy B
+//   outer   G[j, r] = sum_t in~[t, j] s[t, r]         dB = dy^T u,            dA = v^T x~
+//   expand  out[t, j] += scale drop'(sum_r s[t, r] W(j, r))   y += scale u B^T,  dx += ...
 //
-// W(r, i) is read through strides, so A [rank, in] and B [out, rank] serve every role without
-// copies; `dropout` selects the inverted-dropout mask of reference_backward.h's dropout_keep
-// (splitmix64 of seed and t * in + i), drawn again wherever x appears.
+// where in~ is the input after dropout (x~ = dropout(x); dy has none) and W(j, r) is the
+// factor seen from column j: A[r, j] on the `in` side, B[j, r] on the `out` side. So
+//
+//   forward   pass(x: shrink -> u partials), pass(y: expand, summing u and saving it)
+//   backward  pass(dy: shrink -> v partials, outer -> dB partials), reduce(dB),
+//             pass(x and dx: outer -> dA partials, expand into dx), reduce(dA)
+//
+// Each thread owns kCols = 64 / kR consecutive columns (8 at rank <= 8: one 16-byte access a
+// token) and keeps their factor values (and, for outer, their [kCols, kR] sums) in registers;
+// a block of 128 threads covers 128 kCols columns and a range of tokens, loaded kSub at a time.
+// Sums over columns (shrink) are reduced in the warp, then over the block's warps in shared
+// memory, and written as one partial per column block; sums over tokens (outer) are written as
+// one partial per token block. The partials are added in a fixed order by the next pass (u, v)
+// or by reduce_parts_kernel (dA, dB), so results are deterministic. The grid shape depends on
+// the sizes only (not on the GPU), so the same call gives the same bits on every GPU.
+//
+// The dropout mask is reference_backward.h's dropout_keep: element t * in + j of x is kept iff
+// (splitmix64(seed ^ splitmix64(t * in + j)) >> 40) / 2^24 >= p, i.e. iff the 24 hash bits are
+// >= ceil(p * 2^24), an integer compare that draws the CPU's mask bit for bit.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/check.h"
+#include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/lora_train.h"
 #include "qinggeng/error.h"
 
 namespace qg::cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kOuterTokens = 32;  // tokens per block of the outer-product reduction
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTokenGroup = 8;       // tokens per block are a multiple of this (and of kSub)
+constexpr int kTargetBlocks = 264;   // blocks a pass aims for (two per SM of an H100)
 
-/// The dropout of one call: element index t * in + i of x is kept (and scaled by keep_scale)
-/// iff its hash is >= p. Disabled when p <= 0.
+/// The dropout of one call (threshold 0: none).
 struct Dropout {
   std::uint64_t seed = 0;
-  float p = 0.0f;
-  float keep_scale = 1.0f;
+  std::uint32_t threshold = 0;  ///< keep iff the top 24 hash bits >= threshold
+  float keep_scale = 1.0f;      ///< 1 / (1 - p), computed in float as the CPU does
 };
+
+/// Everything one lora_pass_kernel launch reads and writes (see the file comment).
+struct PassArgs {
+  const __half* in = nullptr;  ///< [tokens, width] (shrink, outer)
+  __half* out = nullptr;       ///< [tokens, width] updated in place (expand)
+  std::int64_t tokens = 0, width = 0;
+  const float* w = nullptr;  ///< the factor: W(j, r) = w[r * w_r + j * w_j]
+  std::int64_t w_r = 0, w_j = 0;
+  int rank = 0;
+  Dropout drop;                ///< applies to in and to expand's update (index t * width + j)
+  const float* s = nullptr;    ///< [s_parts][tokens][rank] whose sum is s (outer, expand)
+  int s_parts = 0;
+  float* s_sum = nullptr;      ///< if set, blocks of column block 0 store the summed s here
+  float* shrink_part = nullptr;  ///< [column blocks][tokens][rank] (shrink)
+  float* outer_part = nullptr;   ///< [token blocks][width][rank] (outer)
+  std::int64_t tokens_per_block = 0;  ///< a multiple of kTokenGroup
+  float scale = 1.0f;                 ///< expand
+};
+
+/// The launch shape of a pass over `width` columns: fixed by the sizes alone.
+struct PassGrid {
+  std::int64_t col_blocks = 0, token_blocks = 0, tokens_per_block = 0;
+};
+
+// ---- device helpers ----
 
 __device__ __forceinline__ std::uint64_t splitmix64(std::uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -38,165 +81,231 @@ __device__ __forceinline__ std::uint64_t splitmix64(std::uint64_t z) {
   return z ^ (z >> 31);
 }
 
-/// The factor dropout applies to element `index`: 0, or 1 / (1 - p).
+/// What dropout multiplies element `index` by: 0 or keep_scale (1 without dropout).
 __device__ __forceinline__ float dropout_factor(const Dropout& d, std::uint64_t index) {
-  if (d.p <= 0.0f) return 1.0f;
-  const std::uint64_t bits = splitmix64(d.seed ^ splitmix64(index));
-  const double uniform = static_cast<double>(bits >> 40) * (1.0 / 16777216.0);
-  return uniform >= d.p ? d.keep_scale : 0.0f;
+  if (d.threshold == 0) return 1.0f;
+  const auto bits = static_cast<std::uint32_t>(splitmix64(d.seed ^ splitmix64(index)) >> 40);
+  return bits >= d.threshold ? d.keep_scale : 0.0f;
+}
+
+/// Sums each of v[0, kN) over the warp, spreading the totals over the lanes (a transposing
+/// reduction: kN - 1 + log2 shuffles instead of 5 kN). On return v[0, max(1, kN / 32)) holds
+/// the totals of values first, first + 1, ...; `first` starts at 0. Lanes that differ only
+/// in their low 5 - log2(min(kN, 32)) bits hold the same totals.
+template <int kN, int kOffset = 16>
+__device__ __forceinline__ void warp_sum_scatter(float* v, int lane, int& first) {
+  if constexpr (kN > 1) {
+    constexpr int kHalf = kN / 2;
+    const bool upper = (lane & kOffset) != 0;
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      const float keep = upper ? v[i + kHalf] : v[i];
+      const float send = upper ? v[i] : v[i + kHalf];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kOffset);
+    }
+    if (upper) first += kHalf;
+    if constexpr (kOffset > 1) warp_sum_scatter<kHalf, kOffset / 2>(v, lane, first);
+  } else {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], kOffset);
+    if constexpr (kOffset > 1) warp_sum_scatter<1, kOffset / 2>(v, lane, first);
+  }
 }
 
 // ---- CUDA kernels ----
 
-/// One block per token: s[t, r] = sum_i drop(in[t, i]) w[r * w_r + i * w_i], r < rank <= kR.
-/// Consecutive threads take consecutive i, so both in and w (either layout) are read in
-/// coalesced runs; the threads' partial sums are then added across warps.
-template <int kR>
-__global__ void __launch_bounds__(kThreads)
-    shrink_kernel(const __half* in, std::int64_t width, const float* w, std::int64_t w_r,
-                  std::int64_t w_i, int rank, Dropout drop, float* s) {
-  __shared__ float partial[kWarps][kR];
-  const std::int64_t t = blockIdx.x;
+/// One pass (see the file comment); kR is the rank rounded up to 8, 16, 32 or 64.
+/// Grid: (column blocks, token blocks).
+template <int kR, bool kShrink, bool kOuter, bool kExpand>
+__global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
+  constexpr int kCols = 64 / kR;
+  constexpr int kSub = kOuter && kExpand ? 4 : 8;  // tokens in flight (registers)
+  constexpr int kSpread = kR > 32 ? kR / 32 : 1;   // shrink totals per lane
+  constexpr int kDuplicates = kR >= 32 ? 1 : 32 / kR;
+  __shared__ float s_tile[kSub][kR];
+  __shared__ float warp_part[kShrink ? kWarps : 1][kSub][kR];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float acc[kR];
+  const std::int64_t j0 = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kCols;
+  const bool active = j0 < p.width;
+
+  float w[kCols][kR];
 #pragma unroll
-  for (int r = 0; r < kR; ++r) acc[r] = 0.0f;
-  const __half* row = in + t * width;
-  for (std::int64_t i = threadIdx.x; i < width; i += kThreads) {
-    const float xv =
-        __half2float(row[i]) * dropout_factor(drop, static_cast<std::uint64_t>(t * width + i));
-    const float* wi = w + i * w_i;
+  for (int k = 0; k < kCols; ++k) {
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
-      if (r < rank) acc[r] += xv * wi[r * w_r];
+      w[k][r] = active && r < p.rank ? p.w[r * p.w_r + (j0 + k) * p.w_j] : 0.0f;
     }
   }
+  float g[kOuter ? kCols : 1][kR];
 #pragma unroll
-  for (int r = 0; r < kR; ++r) {
-    float a = acc[r];
-    for (int off = 16; off > 0; off /= 2) a += __shfl_xor_sync(0xffffffffu, a, off);
-    if (lane == 0) partial[warp][r] = a;
+  for (int k = 0; k < (kOuter ? kCols : 1); ++k) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) g[k][r] = 0.0f;
   }
-  __syncthreads();
-  if (threadIdx.x < rank) {
-    float total = 0.0f;
+
+  const std::int64_t t_begin = static_cast<std::int64_t>(blockIdx.y) * p.tokens_per_block;
+  const std::int64_t t_end = std::min(p.tokens, t_begin + p.tokens_per_block);
+  for (std::int64_t t0 = t_begin; t0 < t_end; t0 += kSub) {
+    const int count = static_cast<int>(std::min<std::int64_t>(kSub, t_end - t0));
+    if constexpr (kOuter || kExpand) {
+      for (int e = threadIdx.x; e < kSub * kR; e += kThreads) {
+        const int tt = e / kR, r = e % kR;
+        float v = 0.0f;
+        if (tt < count && r < p.rank) {
+          const std::int64_t at = (t0 + tt) * p.rank + r;
+          for (int part = 0; part < p.s_parts; ++part) v += p.s[part * p.tokens * p.rank + at];
+          if (p.s_sum != nullptr && blockIdx.x == 0) p.s_sum[at] = v;
+        }
+        s_tile[tt][r] = v;
+      }
+      __syncthreads();
+    }
+    HalfVec<kCols> in_v[kSub], out_v[kSub];
 #pragma unroll
-    for (int wp = 0; wp < kWarps; ++wp) total += partial[wp][threadIdx.x];
-    s[t * rank + threadIdx.x] = total;
+    for (int tt = 0; tt < kSub; ++tt) {
+      const bool live = active && tt < count;
+      const std::int64_t at = (t0 + tt) * p.width + j0;
+      if constexpr (kShrink || kOuter) {
+        in_v[tt] = live ? *reinterpret_cast<const HalfVec<kCols>*>(p.in + at) : HalfVec<kCols>{};
+      }
+      if constexpr (kExpand) {
+        if (live) out_v[tt] = *reinterpret_cast<const HalfVec<kCols>*>(p.out + at);
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < kSub; ++tt) {
+      const std::int64_t at = (t0 + tt) * p.width + j0;
+      float keep[kCols], x[kCols];
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        keep[k] = tt < count ? dropout_factor(p.drop, static_cast<std::uint64_t>(at + k)) : 0.0f;
+        if constexpr (kShrink || kOuter) x[k] = __half2float(in_v[tt].v[k]) * keep[k];
+      }
+      if constexpr (kShrink) {
+        float part[kR];
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          part[r] = 0.0f;
+#pragma unroll
+          for (int k = 0; k < kCols; ++k) part[r] += x[k] * w[k][r];
+        }
+        int first = 0;
+        warp_sum_scatter<kR>(part, lane, first);
+        if (lane % kDuplicates == 0) {
+#pragma unroll
+          for (int i = 0; i < kSpread; ++i) warp_part[warp][tt][first + i] = part[i];
+        }
+      }
+      if constexpr (kOuter) {
+#pragma unroll
+        for (int k = 0; k < kCols; ++k) {
+#pragma unroll
+          for (int r = 0; r < kR; ++r) g[k][r] += x[k] * s_tile[tt][r];
+        }
+      }
+      if constexpr (kExpand) {
+        if (active && tt < count) {
+#pragma unroll
+          for (int k = 0; k < kCols; ++k) {
+            float acc = 0.0f;
+#pragma unroll
+            for (int r = 0; r < kR; ++r) acc += s_tile[tt][r] * w[k][r];
+            out_v[tt].v[k] =
+                __float2half_rn(__half2float(out_v[tt].v[k]) + p.scale * keep[k] * acc);
+          }
+          *reinterpret_cast<HalfVec<kCols>*>(p.out + at) = out_v[tt];
+        }
+      }
+    }
+    if constexpr (kShrink) {
+      __syncthreads();
+      for (int e = threadIdx.x; e < kSub * kR; e += kThreads) {
+        const int tt = e / kR, r = e % kR;
+        if (tt < count && r < p.rank) {
+          float total = 0.0f;
+#pragma unroll
+          for (int wp = 0; wp < kWarps; ++wp) total += warp_part[wp][tt][r];
+          p.shrink_part[(blockIdx.x * p.tokens + t0 + tt) * p.rank + r] = total;
+        }
+      }
+    }
+    __syncthreads();  // s_tile and warp_part are rewritten by the next group
+  }
+  if constexpr (kOuter) {
+    if (active) {
+      float* dst = p.outer_part + (blockIdx.y * p.width + j0) * p.rank;
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          if (r < p.rank) dst[k * p.rank + r] = g[k][r];
+        }
+      }
+    }
   }
 }
 
-/// out[t, j] += scale * drop(sum_r s[t, r] w[r * w_r + j * w_j]), one j per thread (consecutive
-/// threads, consecutive j); grid (column blocks, tokens).
-template <int kR>
-__global__ void __launch_bounds__(kThreads)
-    expand_kernel(const float* s, std::int64_t width, const float* w, std::int64_t w_r,
-                  std::int64_t w_j, int rank, float scale, Dropout drop, __half* out) {
-  __shared__ float srow[kR];
-  const std::int64_t t = blockIdx.y;
-  if (threadIdx.x < kR) srow[threadIdx.x] = threadIdx.x < rank ? s[t * rank + threadIdx.x] : 0.0f;
-  __syncthreads();
-  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= width) return;
-  const float* wj = w + j * w_j;
-  float acc = 0.0f;
-#pragma unroll
-  for (int r = 0; r < kR; ++r) {
-    if (r < rank) acc += srow[r] * wj[r * w_r];
-  }
-  acc *= scale * dropout_factor(drop, static_cast<std::uint64_t>(t * width + j));
-  __half* o = out + t * width + j;
-  *o = __float2half_rn(__half2float(*o) + acc);
-}
-
-/// g[j * g_j + r * g_r] += scale * sum_t drop(in[t, j]) s[t, r] over kOuterTokens tokens per
-/// block (grid: column groups of kThreads, token chunks), fp32 atomics across chunks.
-template <int kR>
-__global__ void __launch_bounds__(kThreads)
-    outer_kernel(const __half* in, std::int64_t tokens, std::int64_t width, const float* s,
-                 int rank, float scale, Dropout drop, float* g, std::int64_t g_j,
-                 std::int64_t g_r) {
-  __shared__ float stile[kOuterTokens][kR];
-  const std::int64_t t0 = static_cast<std::int64_t>(blockIdx.y) * kOuterTokens;
-  const int count = static_cast<int>(std::min<std::int64_t>(kOuterTokens, tokens - t0));
-  for (int e = threadIdx.x; e < kOuterTokens * kR; e += kThreads) {
-    const int tt = e / kR, r = e % kR;
-    stile[tt][r] = (tt < count && r < rank) ? s[(t0 + tt) * rank + r] : 0.0f;
-  }
-  __syncthreads();
-  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= width) return;
-  float acc[kR];
-#pragma unroll
-  for (int r = 0; r < kR; ++r) acc[r] = 0.0f;
-  for (int tt = 0; tt < count; ++tt) {
-    const std::int64_t t = t0 + tt;
-    const float xv = __half2float(in[t * width + j]) *
-                     dropout_factor(drop, static_cast<std::uint64_t>(t * width + j));
-#pragma unroll
-    for (int r = 0; r < kR; ++r) acc[r] += xv * stile[tt][r];
-  }
-#pragma unroll
-  for (int r = 0; r < kR; ++r) {
-    if (r < rank) atomicAdd(g + j * g_j + r * g_r, scale * acc[r]);
-  }
+/// grad[j * g_j + r * g_r] += scale * sum over `parts` of part[.][j][r], for j < width, r < rank.
+__global__ void reduce_parts_kernel(const float* part, int parts, std::int64_t width, int rank,
+                                    float scale, float* grad, std::int64_t g_j, std::int64_t g_r) {
+  const std::int64_t n = width * rank;
+  const std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n) return;
+  float total = 0.0f;
+  for (int i = 0; i < parts; ++i) total += part[i * n + e];
+  grad[(e / rank) * g_j + (e % rank) * g_r] += scale * total;
 }
 
 // ---- kernel launchers ----
 
-/// Calls fn(std::integral_constant<int, kR>) with the smallest compiled rank bucket >= rank.
-template <class Fn>
-void with_rank_bucket(int rank, Fn&& fn) {
-  if (rank <= 8) {
-    fn(std::integral_constant<int, 8>{});
-  } else if (rank <= 16) {
-    fn(std::integral_constant<int, 16>{});
-  } else if (rank <= 32) {
-    fn(std::integral_constant<int, 32>{});
-  } else {
-    fn(std::integral_constant<int, 64>{});
+int rounded_rank(std::int64_t rank) { return rank <= 8 ? 8 : rank <= 16 ? 16 : rank <= 32 ? 32 : 64; }
+
+PassGrid pass_grid(std::int64_t tokens, std::int64_t width, std::int64_t rank) {
+  PassGrid grid;
+  const std::int64_t cols_per_block = kThreads * (64 / rounded_rank(rank));
+  grid.col_blocks = (width + cols_per_block - 1) / cols_per_block;
+  const std::int64_t groups = std::max<std::int64_t>(1, (tokens + kTokenGroup - 1) / kTokenGroup);
+  const std::int64_t wanted = std::max<std::int64_t>(1, kTargetBlocks / grid.col_blocks);
+  const std::int64_t groups_per_block = (groups + std::min(groups, wanted) - 1) / std::min(groups, wanted);
+  grid.tokens_per_block = groups_per_block * kTokenGroup;
+  grid.token_blocks = std::max<std::int64_t>(1, (tokens + grid.tokens_per_block - 1) / grid.tokens_per_block);
+  return grid;
+}
+
+template <int kR, bool kShrink, bool kOuter, bool kExpand>
+void launch_pass_r(const PassArgs& args, const PassGrid& grid, cudaStream_t stream) {
+  const dim3 blocks(static_cast<unsigned>(grid.col_blocks), static_cast<unsigned>(grid.token_blocks));
+  lora_pass_kernel<kR, kShrink, kOuter, kExpand><<<blocks, kThreads, 0, stream>>>(args);
+  QG_CUDA_CHECK(cudaGetLastError());
+}
+
+template <bool kShrink, bool kOuter, bool kExpand>
+void launch_pass(PassArgs args, const PassGrid& grid, cudaStream_t stream) {
+  args.tokens_per_block = grid.tokens_per_block;
+  switch (rounded_rank(args.rank)) {
+    case 8: return launch_pass_r<8, kShrink, kOuter, kExpand>(args, grid, stream);
+    case 16: return launch_pass_r<16, kShrink, kOuter, kExpand>(args, grid, stream);
+    case 32: return launch_pass_r<32, kShrink, kOuter, kExpand>(args, grid, stream);
+    default: return launch_pass_r<64, kShrink, kOuter, kExpand>(args, grid, stream);
   }
 }
 
-void launch_shrink(const __half* in, std::int64_t tokens, std::int64_t width, const float* w,
-                   std::int64_t w_r, std::int64_t w_i, int rank, const Dropout& drop, float* s,
+void launch_reduce(const float* part, const PassGrid& grid, std::int64_t width, int rank,
+                   float scale, float* grad, std::int64_t g_j, std::int64_t g_r,
                    cudaStream_t stream) {
-  with_rank_bucket(rank, [&](auto bucket) {
-    shrink_kernel<decltype(bucket)::value><<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-        in, width, w, w_r, w_i, rank, drop, s);
-  });
-  QG_CUDA_CHECK(cudaGetLastError());
-}
-
-void launch_expand(const float* s, std::int64_t tokens, std::int64_t width, const float* w,
-                   std::int64_t w_r, std::int64_t w_j, int rank, float scale, const Dropout& drop,
-                   __half* out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(tokens));
-  with_rank_bucket(rank, [&](auto bucket) {
-    expand_kernel<decltype(bucket)::value><<<grid, kThreads, 0, stream>>>(s, width, w, w_r, w_j,
-                                                                          rank, scale, drop, out);
-  });
-  QG_CUDA_CHECK(cudaGetLastError());
-}
-
-void launch_outer(const __half* in, std::int64_t tokens, std::int64_t width, const float* s,
-                  int rank, float scale, const Dropout& drop, float* g, std::int64_t g_j,
-                  std::int64_t g_r, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((tokens + kOuterTokens - 1) / kOuterTokens));
-  with_rank_bucket(rank, [&](auto bucket) {
-    outer_kernel<decltype(bucket)::value><<<grid, kThreads, 0, stream>>>(
-        in, tokens, width, s, rank, scale, drop, g, g_j, g_r);
-  });
+  const std::int64_t n = width * rank;
+  reduce_parts_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+      part, static_cast<int>(grid.token_blocks), width, rank, scale, grad, g_j, g_r);
   QG_CUDA_CHECK(cudaGetLastError());
 }
 
 Dropout dropout_of(const LoraTrainShape& shape) {
   Dropout d;
-  d.seed = shape.seed;
-  d.p = shape.dropout;
-  d.keep_scale = shape.dropout > 0.0f ? 1.0f / (1.0f - shape.dropout) : 1.0f;
+  if (shape.dropout > 0.0f) {
+    d.seed = shape.seed;
+    // uniform = bits / 2^24 >= p  <=>  bits >= ceil(p * 2^24) (both sides exact in double).
+    d.threshold = static_cast<std::uint32_t>(std::ceil(static_cast<double>(shape.dropout) * 16777216.0));
+    d.keep_scale = 1.0f / (1.0f - shape.dropout);
+  }
   return d;
 }
 
@@ -209,11 +318,39 @@ void check_shape(const LoraTrainShape& s, const char* op) {
            " outside [0, 1)");
 }
 
+void check_workspace(const LoraTrainShape& s, const void* workspace, std::size_t bytes,
+                     const char* op) {
+  QG_CHECK(workspace != nullptr && bytes >= lora_train_workspace_bytes(s), op, ": workspace of ",
+           bytes, " bytes, need ", lora_train_workspace_bytes(s));
+}
+
+std::size_t floats_bytes(std::int64_t count) {
+  return (static_cast<std::size_t>(count) * sizeof(float) + 255) / 256 * 256;
+}
+
+/// An upper bound of pass_grid(...).token_blocks that never decreases with tokens (the
+/// actual count can: one group more than kTargetBlocks allows halves it), so workspace bytes
+/// sized for the largest call serve every smaller one.
+std::int64_t token_blocks_bound(std::int64_t tokens, std::int64_t width, std::int64_t rank) {
+  const std::int64_t groups = std::max<std::int64_t>(1, (tokens + kTokenGroup - 1) / kTokenGroup);
+  return std::min(groups, std::max<std::int64_t>(1, kTargetBlocks / pass_grid(tokens, width, rank).col_blocks));
+}
+
+/// Bytes of the v partials at the front of the backward's workspace.
+std::size_t v_part_bytes(const LoraTrainShape& s) {
+  return floats_bytes(pass_grid(s.tokens, s.out, s.rank).col_blocks * s.tokens * s.rank);
+}
+
 }  // namespace
 
-std::size_t lora_train_workspace_bytes(const LoraTrainShape& shape) {
-  return static_cast<std::size_t>(std::max<std::int64_t>(shape.tokens, 1) *
-                                  std::max<std::int64_t>(shape.rank, 1)) * sizeof(float);
+std::size_t lora_train_workspace_bytes(const LoraTrainShape& s) {
+  const std::int64_t in_col_blocks = pass_grid(s.tokens, s.in, s.rank).col_blocks;
+  const std::size_t forward = floats_bytes(in_col_blocks * s.tokens * s.rank);
+  const std::size_t backward =
+      v_part_bytes(s) +
+      std::max(floats_bytes(token_blocks_bound(s.tokens, s.out, s.rank) * s.out * s.rank),
+               floats_bytes(token_blocks_bound(s.tokens, s.in, s.rank) * s.in * s.rank));
+  return std::max(forward, backward);
 }
 
 void lora_train_forward(const __half* x, const float* a, const float* b,
@@ -221,12 +358,38 @@ void lora_train_forward(const __half* x, const float* a, const float* b,
                         std::size_t workspace_bytes, cudaStream_t stream) {
   check_shape(shape, "lora_train_forward");
   QG_CHECK(x && a && b && y && u, "lora_train_forward: null pointer");
-  (void)workspace, (void)workspace_bytes;  // u is the only intermediate
+  QG_CHECK(aligned16(x) && aligned16(y), "lora_train_forward: x and y must be 16-byte aligned");
+  check_workspace(shape, workspace, workspace_bytes, "lora_train_forward");
   if (shape.tokens == 0) return;
-  const int r = static_cast<int>(shape.rank);
-  launch_shrink(x, shape.tokens, shape.in, a, shape.in, 1, r, dropout_of(shape), u, stream);
-  launch_expand(u, shape.tokens, shape.out, b, 1, shape.rank, r, shape.scale, Dropout{}, y,
-                stream);
+  const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
+  const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
+  auto* u_part = static_cast<float*>(workspace);
+
+  PassArgs shrink;  // u partials = dropout(x) A^T per column block of x
+  shrink.in = x;
+  shrink.tokens = shape.tokens;
+  shrink.width = shape.in;
+  shrink.w = a;
+  shrink.w_r = shape.in;
+  shrink.w_j = 1;
+  shrink.rank = static_cast<int>(shape.rank);
+  shrink.drop = dropout_of(shape);
+  shrink.shrink_part = u_part;
+  launch_pass<true, false, false>(shrink, in_side, stream);
+
+  PassArgs expand;  // u = sum of the partials; y += scale u B^T
+  expand.out = y;
+  expand.tokens = shape.tokens;
+  expand.width = shape.out;
+  expand.w = b;
+  expand.w_r = 1;
+  expand.w_j = shape.rank;
+  expand.rank = static_cast<int>(shape.rank);
+  expand.s = u_part;
+  expand.s_parts = static_cast<int>(in_side.col_blocks);
+  expand.s_sum = u;
+  expand.scale = shape.scale;
+  launch_pass<false, false, true>(expand, out_side, stream);
 }
 
 void lora_train_backward(const __half* x, const float* a, const float* b, const float* u,
@@ -235,24 +398,65 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
                          cudaStream_t stream) {
   check_shape(shape, "lora_train_backward");
   QG_CHECK(x && a && b && u && dy, "lora_train_backward: null pointer");
-  QG_CHECK(workspace != nullptr && workspace_bytes >= lora_train_workspace_bytes(shape),
-           "lora_train_backward: workspace of ", workspace_bytes, " bytes, need ",
-           lora_train_workspace_bytes(shape));
-  if (shape.tokens == 0) return;
-  const int r = static_cast<int>(shape.rank);
-  const Dropout drop = dropout_of(shape);
-  float* v = static_cast<float*>(workspace);  // dy B  [tokens, rank]
+  QG_CHECK(aligned16(x) && aligned16(dy) && (dx == nullptr || aligned16(dx)),
+           "lora_train_backward: x, dy and dx must be 16-byte aligned");
+  check_workspace(shape, workspace, workspace_bytes, "lora_train_backward");
+  if (shape.tokens == 0 || (dx == nullptr && da == nullptr && db == nullptr)) return;
+  const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
+  const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
+  const int rank = static_cast<int>(shape.rank);
+  auto* v_part = static_cast<float*>(workspace);
+  auto* outer_part =
+      reinterpret_cast<float*>(static_cast<char*>(workspace) + v_part_bytes(shape));
+  const bool need_v = dx != nullptr || da != nullptr;
+
+  PassArgs over_dy;  // v partials = dy B per column block of dy; dB partials = dy^T u
+  over_dy.in = dy;
+  over_dy.tokens = shape.tokens;
+  over_dy.width = shape.out;
+  over_dy.w = b;
+  over_dy.w_r = 1;
+  over_dy.w_j = shape.rank;
+  over_dy.rank = rank;
+  over_dy.s = u;
+  over_dy.s_parts = 1;
+  over_dy.shrink_part = v_part;
+  over_dy.outer_part = outer_part;
+  if (need_v && db != nullptr) {
+    launch_pass<true, true, false>(over_dy, out_side, stream);
+  } else if (need_v) {
+    launch_pass<true, false, false>(over_dy, out_side, stream);
+  } else {
+    launch_pass<false, true, false>(over_dy, out_side, stream);
+  }
   if (db != nullptr) {
-    launch_outer(dy, shape.tokens, shape.out, u, r, shape.scale, Dropout{}, db, shape.rank, 1,
-                 stream);
+    launch_reduce(outer_part, out_side, shape.out, rank, shape.scale, db, shape.rank, 1, stream);
   }
-  if (da == nullptr && dx == nullptr) return;
-  launch_shrink(dy, shape.tokens, shape.out, b, 1, shape.rank, r, Dropout{}, v, stream);
+  if (!need_v) return;
+
+  PassArgs over_x;  // v = sum of the partials; dA partials = v^T x~; dx += scale drop'(v A)
+  over_x.in = x;
+  over_x.out = dx;
+  over_x.tokens = shape.tokens;
+  over_x.width = shape.in;
+  over_x.w = a;
+  over_x.w_r = shape.in;
+  over_x.w_j = 1;
+  over_x.rank = rank;
+  over_x.drop = dropout_of(shape);
+  over_x.s = v_part;
+  over_x.s_parts = static_cast<int>(out_side.col_blocks);
+  over_x.outer_part = outer_part;
+  over_x.scale = shape.scale;
+  if (da != nullptr && dx != nullptr) {
+    launch_pass<false, true, true>(over_x, in_side, stream);
+  } else if (da != nullptr) {
+    launch_pass<false, true, false>(over_x, in_side, stream);
+  } else {
+    launch_pass<false, false, true>(over_x, in_side, stream);
+  }
   if (da != nullptr) {
-    launch_outer(x, shape.tokens, shape.in, v, r, shape.scale, drop, da, 1, shape.in, stream);
-  }
-  if (dx != nullptr) {
-    launch_expand(v, shape.tokens, shape.in, a, shape.in, 1, r, shape.scale, drop, dx, stream);
+    launch_reduce(outer_part, in_side, shape.in, rank, shape.scale, da, 1, shape.in, stream);
   }
 }
 

@@ -26,7 +26,10 @@ struct LoraTrainShape {
   std::uint64_t seed = 0;  ///< the mask (reference_backward.h's LoraShape::seed)
 };
 
-/// \brief Scratch bytes lora_train_forward / lora_train_backward need for `shape`.
+/// \brief Scratch bytes lora_train_forward / lora_train_backward need for `shape` (partial
+/// sums over column and token blocks, reduced in a fixed order: results are deterministic).
+/// Never decreases with shape.tokens, so a workspace sized for the largest call of a layer
+/// serves the smaller ones.
 std::size_t lora_train_workspace_bytes(const LoraTrainShape& shape);
 
 /// \brief u = dropout(x) A^T (fp32, unscaled, kept for the backward), then

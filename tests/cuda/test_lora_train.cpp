@@ -1,0 +1,213 @@
+// qg::cuda::lora_train_forward / lora_train_backward against the float32 CPU reference
+// (reference_backward.h's lora_forward / lora_backward) on fp16-rounded activations and fp32
+// factors: odd and ChatGLM-sized shapes, ranks 1..64, dropout 0 and > 0. The dropout mask must
+// be the CPU's bit for bit: with dx starting at zero, exactly the elements the CPU drops stay
+// zero. Also: the gradients when only some of dx / dA / dB are wanted, bitwise repeatability,
+// a workspace size that never shrinks with more tokens, and the argument checks. Tag [lora-train].
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "catch.hpp"
+#include "fp16_device.h"
+#include "qinggeng/cuda/lora_train.h"
+#include "qinggeng/error.h"
+#include "qinggeng/train/reference_backward.h"
+
+namespace {
+
+using qg::test::DeviceBuffer;
+using qg::test::HostMatrix;
+using qg::test::relative_l2;
+
+/// Host inputs of one adapted linear and the CPU reference's outputs.
+struct Case {
+  qg::cuda::LoraTrainShape shape;
+  HostMatrix x, a, b, y0, dy, dx0;
+  std::vector<float> y, u, dx, da, db;  // reference: y0 + lora, u, dx0 + ..., dA, dB (from 0)
+
+  explicit Case(const qg::cuda::LoraTrainShape& s) : shape(s) {
+    const auto T = s.tokens, I = s.in, O = s.out, R = s.rank;
+    x = qg::test::round_to_fp16(qg::test::random_matrix(T, I, 1));
+    a = qg::test::random_matrix(R, I, 2, 1.0f / std::sqrt(static_cast<float>(I)));
+    b = qg::test::random_matrix(O, R, 3, 1.0f / std::sqrt(static_cast<float>(R)));
+    y0 = qg::test::round_to_fp16(qg::test::random_matrix(T, O, 4));
+    dy = qg::test::round_to_fp16(qg::test::random_matrix(T, O, 5));
+    dx0 = qg::test::round_to_fp16(qg::test::random_matrix(T, I, 6, 0.1f));
+    qg::train::LoraShape ref{T, I, O, R, s.scale, s.dropout, s.seed};
+    y = y0.data;
+    u.assign(static_cast<std::size_t>(T * R), 0.0f);
+    qg::train::lora_forward(x.data.data(), a.data.data(), b.data.data(), ref, y.data(), u.data());
+    dx = dx0.data;
+    da.assign(static_cast<std::size_t>(R * I), 0.0f);
+    db.assign(static_cast<std::size_t>(O * R), 0.0f);
+    qg::train::lora_backward(x.data.data(), a.data.data(), b.data.data(), u.data(), dy.data.data(),
+                             ref, dx.data(), da.data(), db.data());
+  }
+};
+
+/// Device copies of a Case's inputs and the outputs of the GPU calls.
+struct DeviceCase {
+  const Case& c;
+  DeviceBuffer<__half> x, y, dy, dx;
+  DeviceBuffer<float> a, b, u, da, db;
+  DeviceBuffer<char> workspace;
+  std::size_t workspace_bytes;
+
+  explicit DeviceCase(const Case& cs)
+      : c(cs), x(cs.x.data.size()), y(cs.y0.data.size()), dy(cs.dy.data.size()),
+        dx(cs.dx0.data.size()), a(cs.a.data.size()), b(cs.b.data.size()), u(cs.u.size()),
+        da(cs.da.size()), db(cs.db.size()),
+        workspace(qg::cuda::lora_train_workspace_bytes(cs.shape)),
+        workspace_bytes(qg::cuda::lora_train_workspace_bytes(cs.shape)) {
+    qg::test::upload_fp16(x, cs.x);
+    qg::test::upload_fp16(y, cs.y0);
+    qg::test::upload_fp16(dy, cs.dy);
+    qg::test::upload_fp16(dx, cs.dx0);
+    a.upload(cs.a.data);
+    b.upload(cs.b.data);
+  }
+  void forward() {
+    qg::cuda::lora_train_forward(x.get(), a.get(), b.get(), c.shape, y.get(), u.get(),
+                                 workspace.get(), workspace_bytes, nullptr);
+  }
+  /// Backward from dx = dx0 (or zero), dA = dB = 0 into the outputs asked for.
+  void backward(bool want_dx, bool want_da, bool want_db, bool dx_from_zero = false) {
+    if (dx_from_zero) {
+      QG_CUDA_CHECK(cudaMemset(dx.get(), 0, dx.size() * sizeof(__half)));
+    } else {
+      qg::test::upload_fp16(dx, c.dx0);
+    }
+    QG_CUDA_CHECK(cudaMemset(da.get(), 0, da.size() * sizeof(float)));
+    QG_CUDA_CHECK(cudaMemset(db.get(), 0, db.size() * sizeof(float)));
+    qg::cuda::lora_train_backward(x.get(), a.get(), b.get(), u.get(), dy.get(), c.shape,
+                                  want_dx ? dx.get() : nullptr, want_da ? da.get() : nullptr,
+                                  want_db ? db.get() : nullptr, workspace.get(), workspace_bytes,
+                                  nullptr);
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+};
+
+qg::cuda::LoraTrainShape shape_of(std::int64_t tokens, std::int64_t in, std::int64_t out,
+                                  std::int64_t rank, float dropout) {
+  qg::cuda::LoraTrainShape s;
+  s.tokens = tokens;
+  s.in = in;
+  s.out = out;
+  s.rank = rank;
+  s.scale = 16.0f / static_cast<float>(rank);
+  s.dropout = dropout;
+  s.seed = 0x5eed0000u + static_cast<std::uint64_t>(tokens * 31 + rank);
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("GPU LoRA training forward and backward match the CPU reference", "[lora-train]") {
+  const std::vector<qg::cuda::LoraTrainShape> shapes = {
+      shape_of(1, 8, 8, 1, 0.0f),        shape_of(37, 40, 24, 3, 0.1f),
+      shape_of(100, 1032, 264, 8, 0.1f), shape_of(300, 256, 2056, 16, 0.25f),
+      shape_of(64, 128, 96, 33, 0.1f),   shape_of(129, 64, 80, 64, 0.0f),
+      shape_of(2048, 4096, 12288, 8, 0.0f), shape_of(2048, 4096, 12288, 8, 0.1f)};
+  for (const auto& s : shapes) {
+    INFO("tokens " << s.tokens << ", in " << s.in << ", out " << s.out << ", rank " << s.rank
+                   << ", dropout " << s.dropout);
+    const Case c(s);
+    DeviceCase d(c);
+    d.forward();
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
+    CHECK(relative_l2(qg::test::download_fp16(d.y, s.tokens, s.out).data, c.y) < 2e-3);
+
+    d.backward(true, true, true);
+    const HostMatrix dx = qg::test::download_fp16(d.dx, s.tokens, s.in);
+    const std::vector<float> da = d.da.download(), db = d.db.download();
+    CHECK(relative_l2(dx.data, c.dx) < 2e-3);
+    CHECK(relative_l2(da, c.da) < 1e-5);
+    CHECK(relative_l2(db, c.db) < 1e-5);
+
+    // Bitwise repeatable (fixed reduction order), and each gradient alone equals the full run.
+    d.backward(true, true, true);
+    CHECK(qg::test::download_fp16(d.dx, s.tokens, s.in).data == dx.data);
+    CHECK(d.da.download() == da);
+    CHECK(d.db.download() == db);
+    d.backward(false, false, true);
+    CHECK(relative_l2(d.db.download(), db) < 1e-6);
+    d.backward(false, true, false);
+    CHECK(relative_l2(d.da.download(), da) < 1e-6);
+    CHECK(d.db.download() == std::vector<float>(db.size(), 0.0f));
+
+    // The mask: from dx = 0, exactly the elements the CPU drops stay zero.
+    d.backward(true, false, false, true);
+    const HostMatrix masked = qg::test::download_fp16(d.dx, s.tokens, s.in);
+    std::int64_t mismatches = 0, dropped = 0;
+    for (std::int64_t t = 0; t < s.tokens; ++t) {
+      for (std::int64_t i = 0; i < s.in; ++i) {
+        const auto index = static_cast<std::uint64_t>(t * s.in + i);
+        const bool keep = qg::train::dropout_keep(s.seed, index, s.dropout);
+        dropped += keep ? 0 : 1;
+        const float v = masked.at(t, i);
+        // A kept element may underflow to zero only if its value is tiny.
+        if (!keep && v != 0.0f) ++mismatches;
+        if (keep && v == 0.0f && std::abs(c.dx[index] - c.dx0.data[index]) > 1e-6f) ++mismatches;
+      }
+    }
+    CHECK(mismatches == 0);
+    if (s.dropout > 0 && s.tokens * s.in >= 1000) {
+      const double rate = static_cast<double>(dropped) / static_cast<double>(s.tokens * s.in);
+      CHECK(std::abs(rate - s.dropout) < 0.05);
+    }
+  }
+}
+
+TEST_CASE("GPU LoRA training workspace never shrinks with more tokens", "[lora-train]") {
+  for (const std::int64_t out : {std::int64_t{4096}, std::int64_t{12288}, std::int64_t{16384}}) {
+    std::size_t previous = 0;
+    for (std::int64_t tokens = 0; tokens <= 4096; ++tokens) {
+      qg::cuda::LoraTrainShape s = shape_of(tokens, 4096, out, 8, 0.1f);
+      const std::size_t bytes = qg::cuda::lora_train_workspace_bytes(s);
+      INFO("tokens " << tokens << ", out " << out);
+      REQUIRE(bytes >= previous);
+      previous = bytes;
+    }
+  }
+}
+
+TEST_CASE("GPU LoRA training entry points reject bad arguments", "[lora-train]") {
+  const qg::cuda::LoraTrainShape good = shape_of(4, 16, 8, 2, 0.1f);
+  const std::size_t bytes = qg::cuda::lora_train_workspace_bytes(good);
+  DeviceBuffer<__half> x(64), y(32);
+  DeviceBuffer<float> a(32), b(16), u(8);
+  DeviceBuffer<char> ws(bytes);
+  auto forward = [&](const qg::cuda::LoraTrainShape& s, std::size_t ws_bytes) {
+    qg::cuda::lora_train_forward(x.get(), a.get(), b.get(), s, y.get(), u.get(), ws.get(), ws_bytes,
+                                 nullptr);
+  };
+  REQUIRE_NOTHROW(forward(good, bytes));
+  auto bad = good;
+  bad.rank = 0;
+  REQUIRE_THROWS_WITH(forward(bad, bytes), QG_CONTAINS("rank"));
+  bad = good;
+  bad.rank = 65;
+  REQUIRE_THROWS_WITH(forward(bad, bytes), QG_CONTAINS("rank"));
+  bad = good;
+  bad.in = 12;
+  REQUIRE_THROWS_WITH(forward(bad, bytes), QG_CONTAINS("multiples of 8"));
+  bad = good;
+  bad.dropout = 1.0f;
+  REQUIRE_THROWS_WITH(forward(bad, bytes), QG_CONTAINS("dropout"));
+  REQUIRE_THROWS_WITH(forward(good, bytes - 1), QG_CONTAINS("workspace"));
+  REQUIRE_THROWS_WITH(qg::cuda::lora_train_forward(nullptr, a.get(), b.get(), good, y.get(), u.get(),
+                                                   ws.get(), bytes, nullptr),
+                      QG_CONTAINS("null pointer"));
+  REQUIRE_THROWS_WITH(qg::cuda::lora_train_backward(x.get(), a.get(), b.get(), nullptr, y.get(), good,
+                                                    x.get(), nullptr, nullptr, ws.get(), bytes,
+                                                    nullptr),
+                      QG_CONTAINS("null pointer"));
+  REQUIRE_THROWS_WITH(qg::cuda::lora_train_backward(x.get(), a.get(), b.get(), u.get(), y.get(), good,
+                                                    x.get(), nullptr, nullptr, nullptr, bytes,
+                                                    nullptr),
+                      QG_CONTAINS("workspace"));
+  QG_CUDA_CHECK(cudaDeviceSynchronize());
+}
