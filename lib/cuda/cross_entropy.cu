@@ -57,6 +57,17 @@ struct GradOut {
 
 /// Loss of one row (blockIdx.x) of logits [rows, vocab] and, if g.main is set, its gradient.
 /// kVec = 4 reads float4 (vocab % 4 == 0).
+/// The kVec logits of unit i (one float4 load when kVec == 4).
+template <int kVec>
+__device__ __forceinline__ void load_logits(const float* l, std::int64_t i, float (&v)[kVec]) {
+  if constexpr (kVec == 4) {
+    const float4 q = reinterpret_cast<const float4*>(l)[i];
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    v[0] = l[i];
+  }
+}
+
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_rows_kernel(const float* logits, const int* targets, std::int64_t vocab,
@@ -73,12 +84,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll 4
     for (std::int64_t i = threadIdx.x; i < units; i += kRowThreads) {
       float v[kVec];
-      if constexpr (kVec == 4) {
-        const float4 q = reinterpret_cast<const float4*>(l)[i];
-        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-      } else {
-        v[0] = l[i];
-      }
+      load_logits<kVec>(l, i, v);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         if (v[k] > m) {
@@ -117,12 +123,7 @@ __global__ void __launch_bounds__(kRowThreads)
       for (int k = 0; k < kVec; ++k) d[k] = 0.0f;
     } else {
       float v[kVec];
-      if constexpr (kVec == 4) {
-        const float4 q = reinterpret_cast<const float4*>(l)[i];
-        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-      } else {
-        v[0] = l[i];
-      }
+      load_logits<kVec>(l, i, v);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         d[k] = (__expf(v[k] - lse) - (v0 + k == target ? 1.0f : 0.0f)) * grad_factor;

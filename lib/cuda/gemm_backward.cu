@@ -142,20 +142,8 @@ __global__ void __launch_bounds__(S::Threads)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-#pragma unroll
-  for (int st = 0; st < S::Stages - 1; ++st) {
-    if (st < k_tiles) load_stage(st, st);
-    tiles::cp_async_commit();
-  }
-
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    tiles::cp_async_wait<S::Stages - 2>();
-    __syncthreads();  // slice kt landed; every warp is done with the slot loaded next
-    const int next = kt + S::Stages - 1;
-    if (next < k_tiles) load_stage(next % S::Stages, next);
-    tiles::cp_async_commit();
-
-    const __half* sa = smem + (kt % S::Stages) * S::StageHalves;
+  tiles::pipelined_k_loop<S::Stages>(k_tiles, load_stage, [&](int slot) {
+    const __half* sa = smem + slot * S::StageHalves;
     const __half* sb = sa + S::BM * S::BK;
 #pragma unroll
     for (int kk = 0; kk < S::BK / 16; ++kk) {
@@ -194,8 +182,7 @@ __global__ void __launch_bounds__(S::Threads)
 #pragma unroll
         for (int j = 0; j < S::NFrags; ++j) tiles::mma_16816(acc[i][j], af[i], bf[j][0], bf[j][1]);
     }
-  }
-  tiles::cp_async_wait<0>();
+  });
 
 #pragma unroll
   for (int i = 0; i < S::MFrags; ++i) {

@@ -57,22 +57,8 @@ __global__ void __launch_bounds__(S::Threads)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-#pragma unroll
-  for (int s = 0; s < S::Stages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    tiles::cp_async_commit();  // empty groups keep the wait count uniform
-  }
-
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    tiles::cp_async_wait<S::Stages - 2>();
-    // Slice kt has landed for every thread, and every warp is done with slice kt - 1, whose
-    // slot the copy below overwrites.
-    __syncthreads();
-    const int next = kt + S::Stages - 1;
-    if (next < k_tiles) load_stage(next % S::Stages, next);
-    tiles::cp_async_commit();
-
-    const __half* a = smem + (kt % S::Stages) * S::StageHalves;
+  tiles::pipelined_k_loop<S::Stages>(k_tiles, load_stage, [&](int slot) {
+    const __half* a = smem + slot * S::StageHalves;
     const __half* b = a + S::BM * S::BK;
 #pragma unroll
     for (int kk = 0; kk < S::BK / 16; ++kk) {
@@ -101,8 +87,7 @@ __global__ void __launch_bounds__(S::Threads)
 #pragma unroll
         for (int j = 0; j < S::NFrags; ++j) tiles::mma_16816(acc[i][j], af[i], bf[j][0], bf[j][1]);
     }
-  }
-  tiles::cp_async_wait<0>();
+  });
 
 #pragma unroll
   for (int i = 0; i < S::MFrags; ++i) {

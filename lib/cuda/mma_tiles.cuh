@@ -29,6 +29,30 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+/// The multi-stage main loop of the block-tiled kernels: K slices [0, k_tiles) go through
+/// `Stages` rotating shared-memory slots, load_stage(slot, kt) issuing the cp.async copies of
+/// slice kt while compute(slot) runs on the slice loaded Stages - 1 iterations earlier.
+template <int Stages, class Load, class Compute>
+__device__ __forceinline__ void pipelined_k_loop(int k_tiles, Load&& load_stage,
+                                                 Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < Stages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();  // empty groups keep the wait count uniform
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<Stages - 2>();
+    // Slice kt has landed for every thread, and every warp is done with slice kt - 1, whose
+    // slot the copy below overwrites.
+    __syncthreads();
+    const int next = kt + Stages - 1;
+    if (next < k_tiles) load_stage(next % Stages, next);
+    cp_async_commit();
+    compute(kt % Stages);
+  }
+  cp_async_wait<0>();
+}
+
 // ---- shared-memory layout ----
 
 /// Physical 16-byte chunk of logical chunk `chunk` in row `row` of a tile whose rows are
