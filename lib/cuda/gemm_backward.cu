@@ -172,28 +172,16 @@ __global__ void __launch_bounds__(S::Threads)
         const int n = wn * S::WarpTileN + j * 16 + (mat / 2) * 8;
         std::uint32_t r[4];
         ldmatrix_x4_trans(r, mn_at<S::BN>(sb, k, n));
-        bf[2 * j][0] = r[0];
-        bf[2 * j][1] = r[1];
-        bf[2 * j + 1][0] = r[2];
-        bf[2 * j + 1][1] = r[3];
+        tiles::set_b_pair(bf, j, r);
       }
-#pragma unroll
-      for (int i = 0; i < S::MFrags; ++i)
-#pragma unroll
-        for (int j = 0; j < S::NFrags; ++j) tiles::mma_16816(acc[i][j], af[i], bf[j][0], bf[j][1]);
+      tiles::mma_warp_tile(acc, af, bf);
     }
   });
 
-#pragma unroll
-  for (int i = 0; i < S::MFrags; ++i) {
-#pragma unroll
-    for (int j = 0; j < S::NFrags; ++j) {
-      const std::int64_t row = m0 + wm * S::WarpTileM + i * 16 + lane / 4;
-      const std::int64_t col = n0 + wn * S::WarpTileN + j * 8 + (lane % 4) * 2;
-      store_pair(s, row, col, acc[i][j][0], acc[i][j][1]);
-      store_pair(s, row + 8, col, acc[i][j][2], acc[i][j][3]);
-    }
-  }
+  tiles::store_warp_tile(acc, m0 + wm * S::WarpTileM, n0 + wn * S::WarpTileN, lane,
+                         [&](std::int64_t row, std::int64_t col, float v0, float v1) {
+                           store_pair(s, row, col, v0, v1);
+                         });
 }
 
 // ---- kernel launchers ----

@@ -107,6 +107,45 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/// acc[i][j] += a[i] · b[j] over a warp's MFrags x NFrags m16n8 fragments.
+template <int MFrags, int NFrags>
+__device__ __forceinline__ void mma_warp_tile(float (&acc)[MFrags][NFrags][4],
+                                              const std::uint32_t (&a)[MFrags][4],
+                                              const std::uint32_t (&b)[NFrags][2]) {
+#pragma unroll
+  for (int i = 0; i < MFrags; ++i)
+#pragma unroll
+    for (int j = 0; j < NFrags; ++j) mma_16816(acc[i][j], a[i], b[j][0], b[j][1]);
+}
+
+/// Stores an ldmatrix x4 result holding two n8 B fragments as b[2 * pair] and b[2 * pair + 1].
+template <int NFrags>
+__device__ __forceinline__ void set_b_pair(std::uint32_t (&b)[NFrags][2], int pair,
+                                           const std::uint32_t (&r)[4]) {
+  b[2 * pair][0] = r[0];
+  b[2 * pair][1] = r[1];
+  b[2 * pair + 1][0] = r[2];
+  b[2 * pair + 1][1] = r[3];
+}
+
+/// Calls store(row, col, v0, v1) for every accumulator pair of a warp tile whose first row and
+/// column are row0, col0 (the m16n8 accumulator layout: rows lane / 4 and + 8, columns pairs).
+template <int MFrags, int NFrags, class Store>
+__device__ __forceinline__ void store_warp_tile(const float (&acc)[MFrags][NFrags][4],
+                                                std::int64_t row0, std::int64_t col0, int lane,
+                                                Store&& store) {
+#pragma unroll
+  for (int i = 0; i < MFrags; ++i) {
+#pragma unroll
+    for (int j = 0; j < NFrags; ++j) {
+      const std::int64_t row = row0 + i * 16 + lane / 4;
+      const std::int64_t col = col0 + j * 8 + (lane % 4) * 2;
+      store(row, col, acc[i][j][0], acc[i][j][1]);
+      store(row + 8, col, acc[i][j][2], acc[i][j][3]);
+    }
+  }
+}
+
 // ---- epilogue ----
 
 /// Device-side form of qg::cuda::GemmEpilogue plus the output it writes.
