@@ -7,6 +7,9 @@
 
 #include "app_runner.h"
 #include "catch.hpp"
+#if defined(QG_WITH_CUDA)
+#include "qinggeng/cuda/device.h"
+#endif
 #include "qinggeng/io/model_config.h"
 #include "qinggeng/lora/lora_adapter.h"
 #include "scratch_dir.h"
@@ -30,6 +33,18 @@ fs::path make_tiny(const fs::path& dir) {
       << "{\"question\": \"血压多少算高？\", \"answer\": \"收缩压不低于140。\"}\n"
       << "{\"instruction\": \"解释\", \"input\": \"血压\", \"output\": \"血液对血管壁的压力。\"}\n";
   return dir / "model";
+}
+
+}  // namespace
+
+namespace {
+
+bool gpu_present() {
+#if defined(QG_WITH_CUDA)
+  return qg::cuda::device_count() > 0;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -130,6 +145,7 @@ TEST_CASE("qg-train reports bad flags and data clearly", "[apps][train]") {
   const std::string data = " --data " + q(dir / "data.jsonl");
   expect(data + " --device cuda --mode full", "full-parameter training runs on the CPU only");
   expect(data + " --device tpu", "unknown device 'tpu'");
+  if (!gpu_present()) expect(data + " --device cuda", "CUDA");  // no GPU or no CUDA build
   expect(data + " --mode half", "unknown training mode 'half'");
   expect(data + " --lora-targets qkv", "unknown LoRA target 'qkv'");
   expect(data + " --optimizer sgd", "sgd");
