@@ -66,6 +66,15 @@ double median(std::vector<double>& values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
+cublasHandle_t cublas() {
+  static cublasHandle_t handle = [] {
+    cublasHandle_t h = nullptr;
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) fail("cublasCreate failed");
+    return h;
+  }();
+  return handle;
+}
+
 namespace {
 
 double measure_copy_gbps() {
@@ -89,8 +98,7 @@ double measure_cublas_tflops() {
   const int n = 8192;
   const std::size_t elements = std::size_t{n} * n;
   RandomHalfBuffer a(elements, 1.0f), b(elements, 1.0f), c(elements, 1.0f);
-  cublasHandle_t handle = nullptr;
-  if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) fail("cublasCreate failed");
+  cublasHandle_t handle = cublas();
   const float one = 1.0f, zero = 0.0f;
   auto gemm = [&](int) {
     cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, a.data(), CUDA_R_16F, n,
@@ -100,7 +108,6 @@ double measure_cublas_tflops() {
   time_ms(gemm, 3, nullptr);
   std::vector<double> ms;
   for (int i = 0; i < 10; ++i) ms.push_back(time_ms(gemm, 1, nullptr));
-  cublasDestroy(handle);
   return 2.0 * n * n * static_cast<double>(n) / (median(ms) * 1e-3) / 1e12;
 }
 

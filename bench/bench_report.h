@@ -5,6 +5,7 @@
 #pragma once
 
 #include <benchmark/benchmark.h>
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -51,6 +52,9 @@ void check_cuda(cudaError_t status, const char* what);
 /// \brief Device time of one call of `fn` in milliseconds: `reps` back-to-back calls between
 /// two events on `stream`, divided by reps (fn(i) gets the call index, for buffer rotation).
 double time_ms(const std::function<void(int)>& fn, int reps, cudaStream_t stream);
+
+/// \brief The process's cuBLAS handle (the baseline of every GEMM benchmark), made on first use.
+cublasHandle_t cublas();
 
 /// \brief Median of `values` (which it reorders).
 double median(std::vector<double>& values);

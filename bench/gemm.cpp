@@ -50,15 +50,6 @@ Workspace& workspace_for(std::int64_t N, std::int64_t K) {
   return ws;
 }
 
-cublasHandle_t cublas() {
-  static cublasHandle_t handle = [] {
-    cublasHandle_t h = nullptr;
-    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) fail("cublasCreate failed");
-    return h;
-  }();
-  return handle;
-}
-
 void bench_linear(benchmark::State& state, LinearShape shape, std::int64_t M) {
   const std::int64_t N = shape.N, K = shape.K;
   Workspace& ws = workspace_for(N, K);

@@ -36,15 +36,6 @@ constexpr BackwardShape kShapes[] = {
     {"h_to_4h dW", true, 4096, 16384, 2048},
 };
 
-cublasHandle_t cublas() {
-  static cublasHandle_t handle = [] {
-    cublasHandle_t h = nullptr;
-    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) fail("cublasCreate failed");
-    return h;
-  }();
-  return handle;
-}
-
 void bench_backward(benchmark::State& state, BackwardShape s) {
   const int M = static_cast<int>(s.M), N = static_cast<int>(s.N), K = static_cast<int>(s.K);
   // NN: a = dY [M, K], b = W [K, N]; TN: a = dY [K, M], b = X [K, N].

@@ -18,6 +18,7 @@ using tiles::cp_async_16;
 using tiles::cp_async_commit;
 using tiles::cp_async_wait;
 using tiles::ldmatrix_x4;
+using tiles::ldmatrix_x4_trans;
 using tiles::mma_16816;
 
 // ---- shared-memory tiles ----
@@ -42,13 +43,6 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
 
 // ---- fragments and mma ----
 
-/// As ldmatrix_x4 with each 8x8 matrix transposed (B operands stored k-major).
-__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const __half* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 __device__ __forceinline__ std::uint32_t pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);

@@ -667,12 +667,18 @@ std::size_t CudaModelGrad::parameter_size(const std::string& name) const {
 }
 
 void CudaModelGrad::set_parameter(const std::string& name, const std::vector<float>& values) {
-  const std::size_t n = parameter_size(name);
-  QG_CHECK(values.size() == n, "CudaModelGrad: ", values.size(), " values for '", name,
-           "' of ", n, " elements");
-  const std::size_t offset = impl_->name_offset.at(name).first;
-  QG_CUDA_CHECK(cudaMemcpyAsync(impl_->factors() + offset, values.data(), n * sizeof(float),
-                                cudaMemcpyHostToDevice, impl_->stream));
+  set_parameters({{name, values}});
+}
+
+void CudaModelGrad::set_parameters(const std::map<std::string, std::vector<float>>& values) {
+  for (const auto& [name, v] : values) {
+    const std::size_t n = parameter_size(name);
+    QG_CHECK(v.size() == n, "CudaModelGrad: ", v.size(), " values for '", name, "' of ", n,
+             " elements");
+    const std::size_t offset = impl_->name_offset.at(name).first;
+    QG_CUDA_CHECK(cudaMemcpyAsync(impl_->factors() + offset, v.data(), n * sizeof(float),
+                                  cudaMemcpyHostToDevice, impl_->stream));
+  }
   QG_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
 }
 

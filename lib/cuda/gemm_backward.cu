@@ -72,13 +72,6 @@ __device__ __forceinline__ void copy_mn_tile(__half* tile, const __half* src, st
   }
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 /// Address in an MN-major [BK][kWidth] tile of element (k, col), col a multiple of 8.
 template <int kWidth>
 __device__ __forceinline__ const __half* mn_at(const __half* tile, int k, int col) {
@@ -135,12 +128,7 @@ __global__ void __launch_bounds__(S::Threads)
   };
 
   float acc[S::MFrags][S::NFrags][4];
-#pragma unroll
-  for (int i = 0; i < S::MFrags; ++i)
-#pragma unroll
-    for (int j = 0; j < S::NFrags; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  tiles::zero_warp_tile(acc);
 
   tiles::pipelined_k_loop<S::Stages>(k_tiles, load_stage, [&](int slot) {
     const __half* sa = smem + slot * S::StageHalves;
@@ -157,7 +145,7 @@ __global__ void __launch_bounds__(S::Threads)
           // transposed from 8 k rows.
           const int mat = lane / 8;
           const int k = kk * 16 + (mat / 2) * 8 + lane % 8;
-          ldmatrix_x4_trans(af[i], mn_at<S::BM>(sa, k, m + (mat % 2) * 8));
+          tiles::ldmatrix_x4_trans(af[i], mn_at<S::BM>(sa, k, m + (mat % 2) * 8));
         } else {
           const int row = m + (lane % 16);
           const int chunk = kk * 2 + lane / 16;
@@ -171,7 +159,7 @@ __global__ void __launch_bounds__(S::Threads)
         const int k = kk * 16 + (mat % 2) * 8 + lane % 8;
         const int n = wn * S::WarpTileN + j * 16 + (mat / 2) * 8;
         std::uint32_t r[4];
-        ldmatrix_x4_trans(r, mn_at<S::BN>(sb, k, n));
+        tiles::ldmatrix_x4_trans(r, mn_at<S::BN>(sb, k, n));
         tiles::set_b_pair(bf, j, r);
       }
       tiles::mma_warp_tile(acc, af, bf);

@@ -50,12 +50,7 @@ __global__ void __launch_bounds__(S::Threads)
   };
 
   float acc[S::MFrags][S::NFrags][4];
-#pragma unroll
-  for (int i = 0; i < S::MFrags; ++i)
-#pragma unroll
-    for (int j = 0; j < S::NFrags; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  tiles::zero_warp_tile(acc);
 
   tiles::pipelined_k_loop<S::Stages>(k_tiles, load_stage, [&](int slot) {
     const __half* a = smem + slot * S::StageHalves;

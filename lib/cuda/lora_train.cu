@@ -309,6 +309,32 @@ Dropout dropout_of(const LoraTrainShape& shape) {
   return d;
 }
 
+/// A pass over the adapted linear's input side: x (or dx) [tokens, in] against A [rank, in],
+/// under the dropout mask.
+PassArgs input_side(const LoraTrainShape& shape, const float* a) {
+  PassArgs p;
+  p.tokens = shape.tokens;
+  p.width = shape.in;
+  p.w = a;
+  p.w_r = shape.in;
+  p.w_j = 1;
+  p.rank = static_cast<int>(shape.rank);
+  p.drop = dropout_of(shape);
+  return p;
+}
+
+/// A pass over the output side: y (or dy) [tokens, out] against B [out, rank], no dropout.
+PassArgs output_side(const LoraTrainShape& shape, const float* b) {
+  PassArgs p;
+  p.tokens = shape.tokens;
+  p.width = shape.out;
+  p.w = b;
+  p.w_r = 1;
+  p.w_j = shape.rank;
+  p.rank = static_cast<int>(shape.rank);
+  return p;
+}
+
 void check_shape(const LoraTrainShape& s, const char* op) {
   QG_CHECK(s.tokens >= 0 && s.tokens <= 0x7fffffff, op, ": ", s.tokens, " tokens");
   QG_CHECK(s.in > 0 && s.out > 0 && s.in % 8 == 0 && s.out % 8 == 0, op, ": in ", s.in,
@@ -365,26 +391,13 @@ void lora_train_forward(const __half* x, const float* a, const float* b,
   const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
   auto* u_part = static_cast<float*>(workspace);
 
-  PassArgs shrink;  // u partials = dropout(x) A^T per column block of x
+  PassArgs shrink = input_side(shape, a);  // u partials = dropout(x) A^T per column block
   shrink.in = x;
-  shrink.tokens = shape.tokens;
-  shrink.width = shape.in;
-  shrink.w = a;
-  shrink.w_r = shape.in;
-  shrink.w_j = 1;
-  shrink.rank = static_cast<int>(shape.rank);
-  shrink.drop = dropout_of(shape);
   shrink.shrink_part = u_part;
   launch_pass<true, false, false>(shrink, in_side, stream);
 
-  PassArgs expand;  // u = sum of the partials; y += scale u B^T
+  PassArgs expand = output_side(shape, b);  // u = sum of the partials; y += scale u B^T
   expand.out = y;
-  expand.tokens = shape.tokens;
-  expand.width = shape.out;
-  expand.w = b;
-  expand.w_r = 1;
-  expand.w_j = shape.rank;
-  expand.rank = static_cast<int>(shape.rank);
   expand.s = u_part;
   expand.s_parts = static_cast<int>(in_side.col_blocks);
   expand.s_sum = u;
@@ -410,14 +423,8 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
       reinterpret_cast<float*>(static_cast<char*>(workspace) + v_part_bytes(shape));
   const bool need_v = dx != nullptr || da != nullptr;
 
-  PassArgs over_dy;  // v partials = dy B per column block of dy; dB partials = dy^T u
+  PassArgs over_dy = output_side(shape, b);  // v partials = dy B; dB partials = dy^T u
   over_dy.in = dy;
-  over_dy.tokens = shape.tokens;
-  over_dy.width = shape.out;
-  over_dy.w = b;
-  over_dy.w_r = 1;
-  over_dy.w_j = shape.rank;
-  over_dy.rank = rank;
   over_dy.s = u;
   over_dy.s_parts = 1;
   over_dy.shrink_part = v_part;
@@ -434,16 +441,9 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
   }
   if (!need_v) return;
 
-  PassArgs over_x;  // v = sum of the partials; dA partials = v^T x~; dx += scale drop'(v A)
+  PassArgs over_x = input_side(shape, a);  // v = sum; dA partials = v^T x~; dx += drop'(v A)
   over_x.in = x;
   over_x.out = dx;
-  over_x.tokens = shape.tokens;
-  over_x.width = shape.in;
-  over_x.w = a;
-  over_x.w_r = shape.in;
-  over_x.w_j = 1;
-  over_x.rank = rank;
-  over_x.drop = dropout_of(shape);
   over_x.s = v_part;
   over_x.s_parts = static_cast<int>(out_side.col_blocks);
   over_x.outer_part = outer_part;

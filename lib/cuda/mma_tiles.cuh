@@ -107,6 +107,25 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/// As ldmatrix_x4 with each 8x8 matrix transposed (operands stored k-major: row = k).
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+/// Sets a warp's MFrags x NFrags m16n8 accumulators to zero.
+template <int MFrags, int NFrags>
+__device__ __forceinline__ void zero_warp_tile(float (&acc)[MFrags][NFrags][4]) {
+#pragma unroll
+  for (int i = 0; i < MFrags; ++i)
+#pragma unroll
+    for (int j = 0; j < NFrags; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+}
+
 /// acc[i][j] += a[i] · b[j] over a warp's MFrags x NFrags m16n8 fragments.
 template <int MFrags, int NFrags>
 __device__ __forceinline__ void mma_warp_tile(float (&acc)[MFrags][NFrags][4],

@@ -48,7 +48,7 @@ class CudaTrainableModel final : public TrainableModel {
     return it->second;
   }
   void parameters_updated() override {
-    for (const auto& [name, values] : masters_) grad_.set_parameter(name, values);
+    grad_.set_parameters(masters_);
   }
   lora::LoraAdapter adapter() const override {
     lora::LoraAdapter out(grad_.lora_config(), config_);

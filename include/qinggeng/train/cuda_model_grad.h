@@ -73,6 +73,9 @@ class CudaModelGrad {
   /// \brief Copies new fp32 values of a factor to the device.
   /// \throws qg::Error for an unknown name or a wrong length.
   void set_parameter(const std::string& name, const std::vector<float>& values);
+  /// \brief set_parameter for every entry of `values` (name -> values) with one stream
+  /// synchronisation at the end (the per-step upload of the optimizer's masters).
+  void set_parameters(const std::map<std::string, std::vector<float>>& values);
   /// \brief The adapter's configuration (targets, r, alpha, dropout) being trained.
   const lora::LoraConfig& lora_config() const;
 
