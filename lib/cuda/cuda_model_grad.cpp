@@ -158,6 +158,11 @@ struct CudaModelGrad::Impl {
          *dh = nullptr, *dattn = nullptr, *dqkv = nullptr, *da = nullptr;
   float *mean_f = nullptr, *rstd_f = nullptr, *row_nll = nullptr;
   int* meta = nullptr;  // positions, block positions, targets, row_start, context
+  std::uint64_t* d_row_seed = nullptr;  // [T] LoRA dropout: seeds[e] * 0x9E3779B97F4A7C15
+  std::int32_t* d_row_position = nullptr;  // [T] LoRA dropout: the row within its example
+  // The labelled rows (the only ones the cross-entropy computes) and their targets.
+  std::int64_t* d_labelled_rows = nullptr;  // [T]
+  int* d_labelled_targets = nullptr;        // [T]
   void* lora_ws = nullptr;
   void* attn_ws = nullptr;
   void* ce_ws = nullptr;
@@ -165,9 +170,9 @@ struct CudaModelGrad::Impl {
 
   // The current batch.
   std::vector<int> row_start;  // [B + 1]
+  std::vector<int> labelled_example;  // the example of each labelled row, in row order
   cuda::TrainAttentionBatch attention;
   int *d_positions = nullptr, *d_block_positions = nullptr, *d_targets = nullptr, *d_ids = nullptr;
-  std::vector<std::uint64_t> seeds;
   bool dropout = true;
 
   Index H() const { return config.hidden_size; }
@@ -232,6 +237,10 @@ struct CudaModelGrad::Impl {
     rstd_f = c.take<float>(T);
     row_nll = c.take<float>(T);
     meta = c.take<int>(4 * T + 2 * (T + 1));
+    d_row_seed = c.take<std::uint64_t>(T);
+    d_row_position = c.take<std::int32_t>(T);
+    d_labelled_rows = c.take<std::int64_t>(T);
+    d_labelled_targets = c.take<int>(T);
     lora_ws_bytes = 0;
     for (LoraTarget t : lora::kLoraTargets) {
       const auto [in, out] = lora::target_features(t, config);
@@ -287,44 +296,39 @@ struct CudaModelGrad::Impl {
     return false;
   }
 
-  cuda::LoraTrainShape lora_shape(int layer, int t, std::size_t example) const {
+  /// Target t of `layer` over the whole packed batch: each example keeps ModelGrad's mask
+  /// stream (seed of example e: seeds[e] * 0x9E3779B97F4A7C15 + layer * 4 + t + 1, drawn
+  /// with the row index inside the example), through the per-row arrays of begin_batch.
+  cuda::LoraTrainShape lora_shape(int layer, int t) const {
     const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
     cuda::LoraTrainShape shape;
-    shape.tokens = row_start[example + 1] - row_start[example];
+    shape.tokens = row_start.back();
     shape.in = s.in;
     shape.out = s.out;
     shape.rank = lora_config.r;
     shape.scale = static_cast<float>(lora_config.scale());
     shape.dropout = dropout ? static_cast<float>(lora_config.lora_dropout) : 0.0f;
-    // ModelGrad's stream per (example seed, layer, target).
-    shape.seed = seeds[example] * 0x9E3779B97F4A7C15ull +
-                 static_cast<std::uint64_t>(layer * 4 + t + 1);
+    shape.seed = static_cast<std::uint64_t>(layer * 4 + t + 1);
+    shape.row_seed = d_row_seed;
+    shape.row_position = d_row_position;
     return shape;
   }
 
-  // y += lora(x) for target t of `layer`, example by example (each has its own dropout).
+  // y += lora(x) for target t of `layer`.
   void lora_forward(int layer, int t, const __half* x, __half* y, float* u) {
     const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
     if (!s.present) return;
-    for (std::size_t e = 0; e + 1 < row_start.size(); ++e) {
-      const Index r0 = row_start[e];
-      cuda::lora_train_forward(x + r0 * s.in, factors() + s.a, factors() + s.b,
-                               lora_shape(layer, t, e), y + r0 * s.out, u + r0 * lora_config.r,
-                               lora_ws, lora_ws_bytes, stream);
-    }
+    cuda::lora_train_forward(x, factors() + s.a, factors() + s.b, lora_shape(layer, t), y, u,
+                             lora_ws, lora_ws_bytes, stream);
   }
 
   void lora_backward(int layer, int t, const __half* x, const float* u, const __half* dy,
                      __half* dx) {
     const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
     if (!s.present) return;
-    for (std::size_t e = 0; e + 1 < row_start.size(); ++e) {
-      const Index r0 = row_start[e];
-      cuda::lora_train_backward(x + r0 * s.in, factors() + s.a, factors() + s.b,
-                                u + r0 * lora_config.r, dy + r0 * s.out, lora_shape(layer, t, e),
-                                dx + r0 * s.in, factors() + s.da, factors() + s.db, lora_ws,
-                                lora_ws_bytes, stream);
-    }
+    cuda::lora_train_backward(x, factors() + s.a, factors() + s.b, u, dy, lora_shape(layer, t),
+                              dx, factors() + s.da, factors() + s.db, lora_ws, lora_ws_bytes,
+                              stream);
   }
 
   // ---- batch ----
@@ -370,8 +374,37 @@ struct CudaModelGrad::Impl {
     attention.max_seq_len = longest;
     attention.row_start = meta + 4 * T;
     attention.context_length = meta + 4 * T + static_cast<Index>(row_start.size());
-    seeds = dropout_seeds;
-    // `packed` is pageable: the copy has completed when cudaMemcpyAsync returns.
+    std::vector<std::uint64_t> row_seed(static_cast<std::size_t>(T));
+    std::vector<std::int32_t> row_position(static_cast<std::size_t>(T));
+    for (std::size_t e = 0; e < batch.size(); ++e) {
+      for (int r = row_start[e]; r < row_start[e + 1]; ++r) {
+        row_seed[static_cast<std::size_t>(r)] = dropout_seeds[e] * 0x9E3779B97F4A7C15ull;
+        row_position[static_cast<std::size_t>(r)] = r - row_start[e];
+      }
+    }
+    QG_CUDA_CHECK(cudaMemcpyAsync(d_row_seed, row_seed.data(), row_seed.size() * sizeof(std::uint64_t),
+                                  cudaMemcpyHostToDevice, stream));
+    QG_CUDA_CHECK(cudaMemcpyAsync(d_row_position, row_position.data(),
+                                  row_position.size() * sizeof(std::int32_t),
+                                  cudaMemcpyHostToDevice, stream));
+    std::vector<std::int64_t> labelled_rows;
+    std::vector<int> labelled_targets;
+    labelled_example.clear();
+    for (std::size_t e = 0; e < batch.size(); ++e) {
+      for (int r = row_start[e]; r < row_start[e + 1]; ++r) {
+        if (targets[static_cast<std::size_t>(r)] == train::kIgnoreLabel) continue;
+        labelled_rows.push_back(r);
+        labelled_targets.push_back(targets[static_cast<std::size_t>(r)]);
+        labelled_example.push_back(static_cast<int>(e));
+      }
+    }
+    QG_CUDA_CHECK(cudaMemcpyAsync(d_labelled_rows, labelled_rows.data(),
+                                  labelled_rows.size() * sizeof(std::int64_t),
+                                  cudaMemcpyHostToDevice, stream));
+    QG_CUDA_CHECK(cudaMemcpyAsync(d_labelled_targets, labelled_targets.data(),
+                                  labelled_targets.size() * sizeof(int), cudaMemcpyHostToDevice,
+                                  stream));
+    // The host vectors are pageable: each copy has completed when cudaMemcpyAsync returns.
     return T;
   }
 
@@ -433,7 +466,10 @@ struct CudaModelGrad::Impl {
   }
 
   // Every layer, the final norm and the cross-entropy; with `backward` the gradient of the
-  // normed hidden states goes to dm. Row NLLs stay in row_nll.
+  // normed hidden states goes to dm. The cross-entropy runs on the labelled rows only (the
+  // prompt's rows have no loss and a zero gradient), gathered into the `da` scratch with its
+  // gradient in `dattn` (both free until the backward's last layer); row NLLs go to row_nll,
+  // one per labelled row.
   void forward(bool backward, float loss_scale, double normalizer) {
     const Index T = row_start.back();
     cuda::embedding(half_ptr(embeddings), config.vocab_size, H(), d_ids, T, xs[0], stream);
@@ -444,13 +480,18 @@ struct CudaModelGrad::Impl {
     cuda::layer_norm_forward_stats(xs[static_cast<std::size_t>(L())], half_ptr(final_w),
                                    half_ptr(final_b), static_cast<float>(config.layernorm_epsilon),
                                    T, H(), normed, mean_f, rstd_f, stream);
+    if (backward) QG_CUDA_CHECK(cudaMemsetAsync(dm, 0, static_cast<std::size_t>(T * H()) * 2, stream));
+    const auto n = static_cast<Index>(labelled_example.size());
+    if (n == 0) return;
     cuda::CrossEntropyTrainOptions ce = ce_options();
     ce.normalizer = normalizer;
     ce.grad_scale = loss_scale;
     timed("cross-entropy", [&] {
-      cuda::cross_entropy_train(normed, half_ptr(lm_head), d_targets, T, H(), config.vocab_size,
-                                ce, row_nll, backward ? dm : nullptr, nullptr, ce_ws, ce_ws_bytes,
-                                stream);
+      cuda::gather_rows(normed, T, H(), d_labelled_rows, n, da, stream);
+      cuda::cross_entropy_train(da, half_ptr(lm_head), d_labelled_targets, n, H(),
+                                config.vocab_size, ce, row_nll, backward ? dattn : nullptr,
+                                nullptr, ce_ws, ce_ws_bytes, stream);
+      if (backward) cuda::scatter_rows(dattn, n, H(), d_labelled_rows, dm, T, stream);
     });
   }
 
@@ -520,17 +561,16 @@ struct CudaModelGrad::Impl {
     QG_CUDA_CHECK(cudaMemsetAsync(factors() + factor_floats, 0, grads * sizeof(float), stream));
   }
 
-  // Per-example summed NLL from row_nll.
+  // Per-example summed NLL from row_nll (one value per labelled row).
   std::vector<double> example_nll() {
-    const Index T = row_start.back();
-    std::vector<float> rows(static_cast<std::size_t>(T));
+    std::vector<float> rows(labelled_example.size());
     QG_CUDA_CHECK(cudaMemcpyAsync(rows.data(), row_nll, rows.size() * sizeof(float),
                                   cudaMemcpyDeviceToHost, stream));
     QG_CUDA_CHECK(cudaStreamSynchronize(stream));
     profiler->collect();
     std::vector<double> out(row_start.size() - 1, 0.0);
-    for (std::size_t e = 0; e + 1 < row_start.size(); ++e) {
-      for (int r = row_start[e]; r < row_start[e + 1]; ++r) out[e] += rows[static_cast<std::size_t>(r)];
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      out[static_cast<std::size_t>(labelled_example[i])] += rows[i];
     }
     return out;
   }

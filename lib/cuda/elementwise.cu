@@ -1,7 +1,7 @@
 // Small fp16 ops (see include/qinggeng/cuda/elementwise.h). Every kernel is a grid-stride loop
 // over "units": 8 halves (one 16-byte access) when the launcher found sizes and pointers
-// aligned, else single halves. The row gathers share one kernel for int32 and int64 indices;
-// gelu, its out-of-place form and its backward share one kernel. The embedding backward is a
+// aligned, else single halves. The row gathers and the row scatter share one kernel for int32
+// and int64 indices; gelu, its out-of-place form and its backward share one kernel. The embedding backward is a
 // scatter-add: one fp32 atomic per element, since ids repeat arbitrarily.
 #include <cstdint>
 
@@ -92,34 +92,44 @@ __global__ void scaled_add_kernel(const __half* a, float alpha, const __half* b,
   }
 }
 
-// out row i = x row index[i]; `units_per_row` units of kVec halves per row.
-template <int kVec, typename Index>
-__global__ void gather_kernel(const __half* x, std::int64_t x_rows, const Index* index,
-                              std::int64_t n, std::int64_t units_per_row, __half* out) {
+/// Row copies through an index, `units_per_row` units of kVec halves per row. Gather
+/// (kScatter false): out row i = x row index[i], zeros where index[i] is outside
+/// [0, indexed_rows) (x's rows). Scatter: out row index[i] = x row i, skipped where index[i] is
+/// outside [0, indexed_rows) (out's rows).
+template <int kVec, typename Index, bool kScatter>
+__global__ void row_copy_kernel(const __half* x, std::int64_t indexed_rows, const Index* index,
+                                std::int64_t n, std::int64_t units_per_row, __half* out) {
   const auto* px = reinterpret_cast<const HalfVec<kVec>*>(x);
   auto* po = reinterpret_cast<HalfVec<kVec>*>(out);
   const std::int64_t units = n * units_per_row;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < units;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t r = i / units_per_row, c = i % units_per_row;
-    const std::int64_t src = static_cast<std::int64_t>(index[r]);
-    HalfVec<kVec> v{};
-    if (src >= 0 && src < x_rows) v = px[src * units_per_row + c];
-    po[i] = v;
+    const std::int64_t other = static_cast<std::int64_t>(index[r]);
+    const bool valid = other >= 0 && other < indexed_rows;
+    if constexpr (kScatter) {
+      if (valid) po[other * units_per_row + c] = px[i];
+    } else {
+      HalfVec<kVec> v{};
+      if (valid) v = px[other * units_per_row + c];
+      po[i] = v;
+    }
   }
 }
 
-template <typename Index>
-void launch_gather(const __half* x, std::int64_t x_rows, std::int64_t cols, const Index* index,
-                   std::int64_t n, __half* out, cudaStream_t stream, const char* what) {
-  QG_CHECK(x && index && out && cols > 0 && n >= 0 && x_rows > 0, what,
-           ": null pointer or bad size (rows ", x_rows, ", cols ", cols, ", n ", n, ")");
+template <bool kScatter, typename Index>
+void launch_row_copy(const __half* x, std::int64_t indexed_rows, std::int64_t cols,
+                     const Index* index, std::int64_t n, __half* out, cudaStream_t stream,
+                     const char* what) {
+  QG_CHECK(x && index && out && cols > 0 && n >= 0 && indexed_rows > 0, what,
+           ": null pointer or bad size (rows ", indexed_rows, ", cols ", cols, ", n ", n, ")");
   if (n == 0) return;
   if (cols % 8 == 0 && aligned16(x) && aligned16(out)) {
-    gather_kernel<8, Index><<<grid_for(n * cols / 8), 256, 0, stream>>>(x, x_rows, index, n,
-                                                                          cols / 8, out);
+    row_copy_kernel<8, Index, kScatter><<<grid_for(n * cols / 8), 256, 0, stream>>>(
+        x, indexed_rows, index, n, cols / 8, out);
   } else {
-    gather_kernel<1, Index><<<grid_for(n * cols), 256, 0, stream>>>(x, x_rows, index, n, cols, out);
+    row_copy_kernel<1, Index, kScatter><<<grid_for(n * cols), 256, 0, stream>>>(
+        x, indexed_rows, index, n, cols, out);
   }
   QG_CUDA_CHECK(cudaGetLastError());
 }
@@ -143,12 +153,17 @@ void launch_gelu(const __half* x, const __half* dy, std::int64_t count, __half* 
 
 void embedding(const __half* table, std::int64_t vocab, std::int64_t cols, const int* ids,
                std::int64_t n, __half* out, cudaStream_t stream) {
-  launch_gather(table, vocab, cols, ids, n, out, stream, "embedding");
+  launch_row_copy<false>(table, vocab, cols, ids, n, out, stream, "embedding");
 }
 
 void gather_rows(const __half* x, std::int64_t x_rows, std::int64_t cols,
                  const std::int64_t* rows, std::int64_t n, __half* out, cudaStream_t stream) {
-  launch_gather(x, x_rows, cols, rows, n, out, stream, "gather_rows");
+  launch_row_copy<false>(x, x_rows, cols, rows, n, out, stream, "gather_rows");
+}
+
+void scatter_rows(const __half* x, std::int64_t n, std::int64_t cols, const std::int64_t* rows,
+                  __half* out, std::int64_t out_rows, cudaStream_t stream) {
+  launch_row_copy<true>(x, out_rows, cols, rows, n, out, stream, "scatter_rows");
 }
 
 void gelu_tanh(__half* x, std::int64_t count, cudaStream_t stream) {

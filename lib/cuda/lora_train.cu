@@ -1,6 +1,7 @@
 // LoRA of a training step (include/qinggeng/cuda/lora_train.h): memory-bound passes over the
-// activations with fp32 accumulation and the fp32 factors read in place. Every pass is one
-// kernel, lora_pass_kernel, that streams a [tokens, width] fp16 matrix once and does any of
+// activations with fp32 accumulation and the fp32 factors read in place. Every pass over a
+// [tokens, width] fp16 matrix is one kernel, lora_pass_kernel, that streams it once and does
+// any of
 //
 //   shrink  s[t, r] = sum_j in~[t, j] W(j, r)         u = x~ A^T  (forward),  v = dy B
 //   outer   G[j, r] = sum_t in~[t, j] s[t, r]         dB = dy^T u,            dA = v^T x~
@@ -9,22 +10,25 @@
 // where in~ is the input after dropout (x~ = dropout(x); dy has none) and W(j, r) is the
 // factor seen from column j: A[r, j] on the `in` side, B[j, r] on the `out` side. So
 //
-//   forward   pass(x: shrink -> u partials), pass(y: expand, summing u and saving it)
-//   backward  pass(dy: shrink -> v partials, outer -> dB partials), reduce(dB),
-//             pass(x and dx: outer -> dA partials, expand into dx), reduce(dA)
+//   forward   pass(x: shrink -> u partials), sum(u), pass(y: expand with u)
+//   backward  pass(dy: shrink -> v partials, outer -> dB partials), sum(v), sum(dB),
+//             pass(x and dx: outer -> dA partials, expand into dx), sum(dA)
 //
-// Each thread owns kCols = 64 / kR consecutive columns (8 at rank <= 8: one 16-byte access a
-// token) and keeps their factor values (and, for outer, their [kCols, kR] sums) in registers;
-// a block of 128 threads covers 128 kCols columns and a range of tokens, loaded kSub at a time.
-// Sums over columns (shrink) are reduced in the warp, then over the block's warps in shared
-// memory, and written as one partial per column block; sums over tokens (outer) are written as
-// one partial per token block. The partials are added in a fixed order by the next pass (u, v)
-// or by reduce_parts_kernel (dA, dB), so results are deterministic. The grid shape depends on
-// the sizes only (not on the GPU), so the same call gives the same bits on every GPU.
+// Each thread owns kCols = 32 / kR consecutive columns (4 at rank <= 8: one 8-byte access a
+// token; one column from rank 17 on) and keeps their factor values (and, for outer, their
+// [kCols, kR] sums) in registers, few enough for four blocks an SM; a block of 128 threads
+// covers 128 kCols columns and a range of tokens, kSub tokens in flight.
+// The token loop has no block barrier: a shrink is reduced within the warp and written as one
+// partial per (column block, warp); the finished s that outer and expand need is read per token
+// straight from global memory (the same 4 kR bytes for the whole block, an L1 hit). Sums over
+// tokens (outer) are written as one partial per token block. Partials are added in a fixed
+// order by sum_parts_kernel, so results are deterministic; the grid shape depends on the sizes
+// only (not on the GPU), so the same call gives the same bits on every GPU.
 //
-// The dropout mask is reference_backward.h's dropout_keep: element t * in + j of x is kept iff
+// The dropout mask is reference_backward.h's dropout_keep: element (t, j) of x is kept iff
 // (splitmix64(seed ^ splitmix64(t * in + j)) >> 40) / 2^24 >= p, i.e. iff the 24 hash bits are
-// >= ceil(p * 2^24), an integer compare that draws the CPU's mask bit for bit.
+// >= ceil(p * 2^24), an integer compare that draws the CPU's mask bit for bit. Packed examples
+// (row_seed / row_position) use each row's own seed and row-in-example index.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,14 +43,24 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTokenGroup = 8;       // tokens per block are a multiple of this (and of kSub)
-constexpr int kTargetBlocks = 264;   // blocks a pass aims for (two per SM of an H100)
+constexpr int kSumLanes = 8;  // lanes of sum_parts_kernel per output
+
+/// Columns a thread owns at rounded rank kR (see the file comment).
+constexpr int columns_per_thread(int kR) { return kR >= 32 ? 1 : 32 / kR; }
+constexpr int kTokenGroup = 8;  // tokens per block are a multiple of this (and of kSub)
+constexpr int kStage = 64;      // tokens whose s a block stages in shared memory at a time
+// Blocks a pass aims for (four per SM of an H100): every token block loads its columns' factor
+// values and (outer) writes a partial of the factor gradient, so more blocks cost more.
+constexpr int kTargetBlocks = 528;
+constexpr int kSumThreads = 256;
 
 /// The dropout of one call (threshold 0: none).
 struct Dropout {
   std::uint64_t seed = 0;
-  std::uint32_t threshold = 0;  ///< keep iff the top 24 hash bits >= threshold
-  float keep_scale = 1.0f;      ///< 1 / (1 - p), computed in float as the CPU does
+  std::uint32_t threshold = 0;                 ///< keep iff the top 24 hash bits >= threshold
+  float keep_scale = 1.0f;                     ///< 1 / (1 - p), computed in float as the CPU does
+  const std::uint64_t* row_seed = nullptr;     ///< [tokens] added to seed, or null
+  const std::int32_t* row_position = nullptr;  ///< [tokens] row within its example, or null
 };
 
 /// Everything one lora_pass_kernel launch reads and writes (see the file comment).
@@ -56,12 +70,11 @@ struct PassArgs {
   std::int64_t tokens = 0, width = 0;
   const float* w = nullptr;  ///< the factor: W(j, r) = w[r * w_r + j * w_j]
   std::int64_t w_r = 0, w_j = 0;
+  bool w_vec4 = false;  ///< w is 16-byte aligned and its contiguous runs hold whole float4s
   int rank = 0;
-  Dropout drop;                ///< applies to in and to expand's update (index t * width + j)
-  const float* s = nullptr;    ///< [s_parts][tokens][rank] whose sum is s (outer, expand)
-  int s_parts = 0;
-  float* s_sum = nullptr;      ///< if set, blocks of column block 0 store the summed s here
-  float* shrink_part = nullptr;  ///< [column blocks][tokens][rank] (shrink)
+  Dropout drop;                  ///< applies to in and to expand's update (index t * width + j)
+  const float* s = nullptr;      ///< [tokens][rank] (outer, expand)
+  float* shrink_part = nullptr;  ///< [column blocks * kWarps][tokens][rank] (shrink)
   float* outer_part = nullptr;   ///< [token blocks][width][rank] (outer)
   std::int64_t tokens_per_block = 0;  ///< a multiple of kTokenGroup
   float scale = 1.0f;                 ///< expand
@@ -70,6 +83,7 @@ struct PassArgs {
 /// The launch shape of a pass over `width` columns: fixed by the sizes alone.
 struct PassGrid {
   std::int64_t col_blocks = 0, token_blocks = 0, tokens_per_block = 0;
+  std::int64_t shrink_parts() const { return col_blocks * kWarps; }
 };
 
 // ---- device helpers ----
@@ -81,10 +95,25 @@ __device__ __forceinline__ std::uint64_t splitmix64(std::uint64_t z) {
   return z ^ (z >> 31);
 }
 
-/// What dropout multiplies element `index` by: 0 or keep_scale (1 without dropout).
-__device__ __forceinline__ float dropout_factor(const Dropout& d, std::uint64_t index) {
+/// The mask of one row: its seed and the index of its first element.
+struct RowMask {
+  std::uint64_t seed = 0, base = 0;
+};
+
+__device__ __forceinline__ RowMask row_mask(const Dropout& d, std::int64_t t, std::int64_t width) {
+  RowMask m;
+  if (d.threshold == 0) return m;
+  m.seed = d.seed + (d.row_seed != nullptr ? d.row_seed[t] : 0);
+  const std::int64_t row = d.row_position != nullptr ? d.row_position[t] : t;
+  m.base = static_cast<std::uint64_t>(row * width);
+  return m;
+}
+
+/// What dropout multiplies element j of a row by: 0 or keep_scale (1 without dropout).
+__device__ __forceinline__ float dropout_factor(const Dropout& d, const RowMask& m,
+                                                std::int64_t j) {
   if (d.threshold == 0) return 1.0f;
-  const auto bits = static_cast<std::uint32_t>(splitmix64(d.seed ^ splitmix64(index)) >> 40);
+  const auto bits = static_cast<std::uint32_t>(splitmix64(m.seed ^ splitmix64(m.base + j)) >> 40);
   return bits >= d.threshold ? d.keep_scale : 0.0f;
 }
 
@@ -111,124 +140,164 @@ __device__ __forceinline__ void warp_sum_scatter(float* v, int lane, int& first)
   }
 }
 
+/// w[k][r] = W(j0 + k, r) for r < rank, else 0 (all 0 for an inactive thread), with 16-byte
+/// loads where the factor's layout allows them (p.w_vec4).
+template <int kCols, int kR>
+__device__ __forceinline__ void load_factor(const PassArgs& p, std::int64_t j0, bool active,
+                                            float (&w)[kCols][kR]) {
+#pragma unroll
+  for (int k = 0; k < kCols; ++k) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) w[k][r] = 0.0f;
+  }
+  if (!active) return;
+  if constexpr (kCols % 4 == 0) {
+    if (p.w_vec4 && p.w_j == 1) {  // A [rank, in]: columns j0.. of row r are contiguous
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        if (r >= p.rank) break;
+#pragma unroll
+        for (int k = 0; k < kCols; k += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(p.w + r * p.w_r + j0 + k);
+          w[k][r] = v.x, w[k + 1][r] = v.y, w[k + 2][r] = v.z, w[k + 3][r] = v.w;
+        }
+      }
+      return;
+    }
+  }
+  if constexpr (kR % 4 == 0) {
+    if (p.w_vec4 && p.w_r == 1) {  // B [out, rank]: row j0 + k is contiguous
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+#pragma unroll
+        for (int r = 0; r < kR; r += 4) {
+          if (r >= p.rank) break;
+          const float4 v = *reinterpret_cast<const float4*>(p.w + (j0 + k) * p.w_j + r);
+          w[k][r] = v.x, w[k][r + 1] = v.y, w[k][r + 2] = v.z, w[k][r + 3] = v.w;
+        }
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kCols; ++k) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      if (r < p.rank) w[k][r] = p.w[r * p.w_r + (j0 + k) * p.w_j];
+    }
+  }
+}
+
 // ---- CUDA kernels ----
 
 /// One pass (see the file comment); kR is the rank rounded up to 8, 16, 32 or 64.
 /// Grid: (column blocks, token blocks).
 template <int kR, bool kShrink, bool kOuter, bool kExpand>
 __global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
-  constexpr int kCols = 64 / kR;
+  constexpr int kCols = columns_per_thread(kR);
   constexpr int kSub = kOuter && kExpand ? 4 : 8;  // tokens in flight (registers)
   constexpr int kSpread = kR > 32 ? kR / 32 : 1;   // shrink totals per lane
   constexpr int kDuplicates = kR >= 32 ? 1 : 32 / kR;
-  __shared__ float s_tile[kSub][kR];
-  __shared__ float warp_part[kShrink ? kWarps : 1][kSub][kR];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const std::int64_t j0 = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kCols;
   const bool active = j0 < p.width;
 
   float w[kCols][kR];
-#pragma unroll
-  for (int k = 0; k < kCols; ++k) {
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      w[k][r] = active && r < p.rank ? p.w[r * p.w_r + (j0 + k) * p.w_j] : 0.0f;
-    }
-  }
+  load_factor<kCols, kR>(p, j0, active, w);
   float g[kOuter ? kCols : 1][kR];
 #pragma unroll
   for (int k = 0; k < (kOuter ? kCols : 1); ++k) {
 #pragma unroll
     for (int r = 0; r < kR; ++r) g[k][r] = 0.0f;
   }
+  float* shrink_out =
+      kShrink ? p.shrink_part + (blockIdx.x * kWarps + warp) * p.tokens * p.rank : nullptr;
 
+  // s of the next kStage tokens, staged once per chunk (outer, expand).
+  __shared__ float s_stage[kOuter || kExpand ? kStage : 1][kR];
   const std::int64_t t_begin = static_cast<std::int64_t>(blockIdx.y) * p.tokens_per_block;
   const std::int64_t t_end = std::min(p.tokens, t_begin + p.tokens_per_block);
-  for (std::int64_t t0 = t_begin; t0 < t_end; t0 += kSub) {
-    const int count = static_cast<int>(std::min<std::int64_t>(kSub, t_end - t0));
+  for (std::int64_t chunk = t_begin; chunk < t_end; chunk += kStage) {
+    const std::int64_t chunk_end = std::min(t_end, chunk + kStage);
     if constexpr (kOuter || kExpand) {
-      for (int e = threadIdx.x; e < kSub * kR; e += kThreads) {
+      __syncthreads();  // the previous chunk's s is no longer read
+      for (int e = threadIdx.x; e < kStage * kR; e += kThreads) {
         const int tt = e / kR, r = e % kR;
-        float v = 0.0f;
-        if (tt < count && r < p.rank) {
-          const std::int64_t at = (t0 + tt) * p.rank + r;
-          for (int part = 0; part < p.s_parts; ++part) v += p.s[part * p.tokens * p.rank + at];
-          if (p.s_sum != nullptr && blockIdx.x == 0) p.s_sum[at] = v;
-        }
-        s_tile[tt][r] = v;
+        s_stage[tt][r] =
+            chunk + tt < chunk_end && r < p.rank ? p.s[(chunk + tt) * p.rank + r] : 0.0f;
       }
       __syncthreads();
     }
-    HalfVec<kCols> in_v[kSub], out_v[kSub];
+    for (std::int64_t t0 = chunk; t0 < chunk_end; t0 += kSub) {
+      // The same for the whole block, so the shuffles below stay warp-uniform.
+      const int count = static_cast<int>(std::min<std::int64_t>(kSub, chunk_end - t0));
+      HalfVec<kCols> in_v[kSub], out_v[kSub];
 #pragma unroll
-    for (int tt = 0; tt < kSub; ++tt) {
-      const bool live = active && tt < count;
-      const std::int64_t at = (t0 + tt) * p.width + j0;
-      if constexpr (kShrink || kOuter) {
-        in_v[tt] = live ? *reinterpret_cast<const HalfVec<kCols>*>(p.in + at) : HalfVec<kCols>{};
-      }
-      if constexpr (kExpand) {
-        if (live) out_v[tt] = *reinterpret_cast<const HalfVec<kCols>*>(p.out + at);
-      }
-    }
-#pragma unroll
-    for (int tt = 0; tt < kSub; ++tt) {
-      const std::int64_t at = (t0 + tt) * p.width + j0;
-      float keep[kCols], x[kCols];
-#pragma unroll
-      for (int k = 0; k < kCols; ++k) {
-        keep[k] = tt < count ? dropout_factor(p.drop, static_cast<std::uint64_t>(at + k)) : 0.0f;
-        if constexpr (kShrink || kOuter) x[k] = __half2float(in_v[tt].v[k]) * keep[k];
-      }
-      if constexpr (kShrink) {
-        float part[kR];
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          part[r] = 0.0f;
-#pragma unroll
-          for (int k = 0; k < kCols; ++k) part[r] += x[k] * w[k][r];
+      for (int tt = 0; tt < kSub; ++tt) {
+        const bool live = active && tt < count;
+        const std::int64_t at = (t0 + tt) * p.width + j0;
+        if constexpr (kShrink || kOuter) {
+          in_v[tt] = live ? *reinterpret_cast<const HalfVec<kCols>*>(p.in + at) : HalfVec<kCols>{};
         }
-        int first = 0;
-        warp_sum_scatter<kR>(part, lane, first);
-        if (lane % kDuplicates == 0) {
-#pragma unroll
-          for (int i = 0; i < kSpread; ++i) warp_part[warp][tt][first + i] = part[i];
+        if constexpr (kExpand) {
+          if (live) out_v[tt] = *reinterpret_cast<const HalfVec<kCols>*>(p.out + at);
         }
       }
-      if constexpr (kOuter) {
+#pragma unroll
+      for (int tt = 0; tt < kSub; ++tt) {
+        if (tt >= count) break;
+        const std::int64_t t = t0 + tt;
+        const RowMask mask = row_mask(p.drop, t, p.width);
+        float keep[kCols], x[kCols];
 #pragma unroll
         for (int k = 0; k < kCols; ++k) {
-#pragma unroll
-          for (int r = 0; r < kR; ++r) g[k][r] += x[k] * s_tile[tt][r];
+          keep[k] = dropout_factor(p.drop, mask, j0 + k);
+          if constexpr (kShrink || kOuter) x[k] = __half2float(in_v[tt].v[k]) * keep[k];
         }
-      }
-      if constexpr (kExpand) {
-        if (active && tt < count) {
+        if constexpr (kShrink) {
+          float part[kR];
 #pragma unroll
-          for (int k = 0; k < kCols; ++k) {
-            float acc = 0.0f;
+          for (int r = 0; r < kR; ++r) {
+            part[r] = 0.0f;
 #pragma unroll
-            for (int r = 0; r < kR; ++r) acc += s_tile[tt][r] * w[k][r];
-            out_v[tt].v[k] =
-                __float2half_rn(__half2float(out_v[tt].v[k]) + p.scale * keep[k] * acc);
+            for (int k = 0; k < kCols; ++k) part[r] += x[k] * w[k][r];
           }
-          *reinterpret_cast<HalfVec<kCols>*>(p.out + at) = out_v[tt];
-        }
-      }
-    }
-    if constexpr (kShrink) {
-      __syncthreads();
-      for (int e = threadIdx.x; e < kSub * kR; e += kThreads) {
-        const int tt = e / kR, r = e % kR;
-        if (tt < count && r < p.rank) {
-          float total = 0.0f;
+          int first = 0;
+          warp_sum_scatter<kR>(part, lane, first);
+          if (lane % kDuplicates == 0) {
 #pragma unroll
-          for (int wp = 0; wp < kWarps; ++wp) total += warp_part[wp][tt][r];
-          p.shrink_part[(blockIdx.x * p.tokens + t0 + tt) * p.rank + r] = total;
+            for (int i = 0; i < kSpread; ++i) {
+              if (first + i < p.rank) shrink_out[t * p.rank + first + i] = part[i];
+            }
+          }
+        }
+        if constexpr (kOuter || kExpand) {
+          float s[kR];
+#pragma unroll
+          for (int r = 0; r < kR; ++r) s[r] = s_stage[t - chunk][r];
+          if constexpr (kOuter) {
+#pragma unroll
+            for (int k = 0; k < kCols; ++k) {
+#pragma unroll
+              for (int r = 0; r < kR; ++r) g[k][r] += x[k] * s[r];
+            }
+          }
+          if constexpr (kExpand) {
+            if (active) {
+#pragma unroll
+              for (int k = 0; k < kCols; ++k) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int r = 0; r < kR; ++r) acc += s[r] * w[k][r];
+                out_v[tt].v[k] =
+                    __float2half_rn(__half2float(out_v[tt].v[k]) + p.scale * keep[k] * acc);
+              }
+              *reinterpret_cast<HalfVec<kCols>*>(p.out + t * p.width + j0) = out_v[tt];
+            }
+          }
         }
       }
     }
-    __syncthreads();  // s_tile and warp_part are rewritten by the next group
   }
   if constexpr (kOuter) {
     if (active) {
@@ -244,36 +313,53 @@ __global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
   }
 }
 
-/// grad[j * g_j + r * g_r] += scale * sum over `parts` of part[.][j][r], for j < width, r < rank.
-__global__ void reduce_parts_kernel(const float* part, int parts, std::int64_t width, int rank,
-                                    float scale, float* grad, std::int64_t g_j, std::int64_t g_r) {
-  const std::int64_t n = width * rank;
-  const std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= n) return;
+/// For e < n: total = the sum over i < parts of part[i * n + e]; then
+/// out[(e / rank) * o_j + (e % rank) * o_r] = scale * total, or += with `accumulate`. kSumLanes
+/// lanes share an output: lane l adds parts l, l + kSumLanes, ... in order, then the lanes
+/// combine in a fixed tree, so the result is the same on every run.
+__global__ void sum_parts_kernel(const float* part, int parts, std::int64_t n, int rank,
+                                 float scale, bool accumulate, float* out, std::int64_t o_j,
+                                 std::int64_t o_r) {
+  const std::int64_t id = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const std::int64_t e = id / kSumLanes;
+  const int lane = static_cast<int>(id % kSumLanes);
   float total = 0.0f;
-  for (int i = 0; i < parts; ++i) total += part[i * n + e];
-  grad[(e / rank) * g_j + (e % rank) * g_r] += scale * total;
+  if (e < n) {
+    for (int i = lane; i < parts; i += kSumLanes) total += part[i * n + e];
+  }
+#pragma unroll
+  for (int offset = kSumLanes / 2; offset > 0; offset /= 2) {
+    total += __shfl_xor_sync(0xffffffffu, total, offset);
+  }
+  if (e >= n || lane != 0) return;
+  float& dst = out[(e / rank) * o_j + (e % rank) * o_r];
+  dst = accumulate ? dst + scale * total : scale * total;
 }
 
 // ---- kernel launchers ----
 
-int rounded_rank(std::int64_t rank) { return rank <= 8 ? 8 : rank <= 16 ? 16 : rank <= 32 ? 32 : 64; }
+int rounded_rank(std::int64_t rank) {
+  return rank <= 8 ? 8 : rank <= 16 ? 16 : rank <= 32 ? 32 : 64;
+}
 
 PassGrid pass_grid(std::int64_t tokens, std::int64_t width, std::int64_t rank) {
   PassGrid grid;
-  const std::int64_t cols_per_block = kThreads * (64 / rounded_rank(rank));
+  const std::int64_t cols_per_block = kThreads * columns_per_thread(rounded_rank(rank));
   grid.col_blocks = (width + cols_per_block - 1) / cols_per_block;
   const std::int64_t groups = std::max<std::int64_t>(1, (tokens + kTokenGroup - 1) / kTokenGroup);
   const std::int64_t wanted = std::max<std::int64_t>(1, kTargetBlocks / grid.col_blocks);
-  const std::int64_t groups_per_block = (groups + std::min(groups, wanted) - 1) / std::min(groups, wanted);
+  const std::int64_t groups_per_block =
+      (groups + std::min(groups, wanted) - 1) / std::min(groups, wanted);
   grid.tokens_per_block = groups_per_block * kTokenGroup;
-  grid.token_blocks = std::max<std::int64_t>(1, (tokens + grid.tokens_per_block - 1) / grid.tokens_per_block);
+  grid.token_blocks =
+      std::max<std::int64_t>(1, (tokens + grid.tokens_per_block - 1) / grid.tokens_per_block);
   return grid;
 }
 
 template <int kR, bool kShrink, bool kOuter, bool kExpand>
 void launch_pass_r(const PassArgs& args, const PassGrid& grid, cudaStream_t stream) {
-  const dim3 blocks(static_cast<unsigned>(grid.col_blocks), static_cast<unsigned>(grid.token_blocks));
+  const dim3 blocks(static_cast<unsigned>(grid.col_blocks),
+                    static_cast<unsigned>(grid.token_blocks));
   lora_pass_kernel<kR, kShrink, kOuter, kExpand><<<blocks, kThreads, 0, stream>>>(args);
   QG_CUDA_CHECK(cudaGetLastError());
 }
@@ -282,20 +368,33 @@ template <bool kShrink, bool kOuter, bool kExpand>
 void launch_pass(PassArgs args, const PassGrid& grid, cudaStream_t stream) {
   args.tokens_per_block = grid.tokens_per_block;
   switch (rounded_rank(args.rank)) {
-    case 8: return launch_pass_r<8, kShrink, kOuter, kExpand>(args, grid, stream);
-    case 16: return launch_pass_r<16, kShrink, kOuter, kExpand>(args, grid, stream);
-    case 32: return launch_pass_r<32, kShrink, kOuter, kExpand>(args, grid, stream);
-    default: return launch_pass_r<64, kShrink, kOuter, kExpand>(args, grid, stream);
+    case 8:
+      return launch_pass_r<8, kShrink, kOuter, kExpand>(args, grid, stream);
+    case 16:
+      return launch_pass_r<16, kShrink, kOuter, kExpand>(args, grid, stream);
+    case 32:
+      return launch_pass_r<32, kShrink, kOuter, kExpand>(args, grid, stream);
+    default:
+      return launch_pass_r<64, kShrink, kOuter, kExpand>(args, grid, stream);
   }
 }
 
-void launch_reduce(const float* part, const PassGrid& grid, std::int64_t width, int rank,
-                   float scale, float* grad, std::int64_t g_j, std::int64_t g_r,
-                   cudaStream_t stream) {
-  const std::int64_t n = width * rank;
-  reduce_parts_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-      part, static_cast<int>(grid.token_blocks), width, rank, scale, grad, g_j, g_r);
+/// Sums `parts` partials of n = rows * rank floats into out (see sum_parts_kernel).
+void launch_sum(const float* part, std::int64_t parts, std::int64_t rows, int rank, float scale,
+                bool accumulate, float* out, std::int64_t o_j, std::int64_t o_r,
+                cudaStream_t stream) {
+  const std::int64_t n = rows * rank;
+  const std::int64_t threads = n * kSumLanes;
+  sum_parts_kernel<<<static_cast<unsigned>((threads + kSumThreads - 1) / kSumThreads), kSumThreads,
+                     0, stream>>>(part, static_cast<int>(parts), n, rank, scale, accumulate, out,
+                                  o_j, o_r);
   QG_CUDA_CHECK(cudaGetLastError());
+}
+
+/// s [tokens][rank] = the sum of a shrink's partials.
+void sum_shrink(const float* part, const PassGrid& grid, std::int64_t tokens, int rank, float* s,
+                cudaStream_t stream) {
+  launch_sum(part, grid.shrink_parts(), tokens, rank, 1.0f, false, s, rank, 1, stream);
 }
 
 Dropout dropout_of(const LoraTrainShape& shape) {
@@ -303,8 +402,11 @@ Dropout dropout_of(const LoraTrainShape& shape) {
   if (shape.dropout > 0.0f) {
     d.seed = shape.seed;
     // uniform = bits / 2^24 >= p  <=>  bits >= ceil(p * 2^24) (both sides exact in double).
-    d.threshold = static_cast<std::uint32_t>(std::ceil(static_cast<double>(shape.dropout) * 16777216.0));
+    d.threshold =
+        static_cast<std::uint32_t>(std::ceil(static_cast<double>(shape.dropout) * 16777216.0));
     d.keep_scale = 1.0f / (1.0f - shape.dropout);
+    d.row_seed = shape.row_seed;
+    d.row_position = shape.row_position;
   }
   return d;
 }
@@ -318,6 +420,7 @@ PassArgs input_side(const LoraTrainShape& shape, const float* a) {
   p.w = a;
   p.w_r = shape.in;
   p.w_j = 1;
+  p.w_vec4 = reinterpret_cast<std::uintptr_t>(a) % 16 == 0;  // in % 8 == 0
   p.rank = static_cast<int>(shape.rank);
   p.drop = dropout_of(shape);
   return p;
@@ -331,17 +434,19 @@ PassArgs output_side(const LoraTrainShape& shape, const float* b) {
   p.w = b;
   p.w_r = 1;
   p.w_j = shape.rank;
+  p.w_vec4 = reinterpret_cast<std::uintptr_t>(b) % 16 == 0 && shape.rank % 4 == 0;
   p.rank = static_cast<int>(shape.rank);
   return p;
 }
 
 void check_shape(const LoraTrainShape& s, const char* op) {
   QG_CHECK(s.tokens >= 0 && s.tokens <= 0x7fffffff, op, ": ", s.tokens, " tokens");
-  QG_CHECK(s.in > 0 && s.out > 0 && s.in % 8 == 0 && s.out % 8 == 0, op, ": in ", s.in,
-           " and out ", s.out, " must be positive multiples of 8");
+  QG_CHECK(s.in > 0 && s.out > 0 && s.in % 8 == 0 && s.out % 8 == 0, op, ": in ", s.in, " and out ",
+           s.out, " must be positive multiples of 8");
   QG_CHECK(s.rank >= 1 && s.rank <= 64, op, ": rank ", s.rank, " outside [1, 64]");
-  QG_CHECK(s.dropout >= 0.0f && s.dropout < 1.0f, op, ": dropout ", s.dropout,
-           " outside [0, 1)");
+  QG_CHECK(s.dropout >= 0.0f && s.dropout < 1.0f, op, ": dropout ", s.dropout, " outside [0, 1)");
+  QG_CHECK((s.row_seed == nullptr) == (s.row_position == nullptr), op,
+           ": row_seed and row_position are set together (packed examples) or not at all");
 }
 
 void check_workspace(const LoraTrainShape& s, const void* workspace, std::size_t bytes,
@@ -359,24 +464,35 @@ std::size_t floats_bytes(std::int64_t count) {
 /// sized for the largest call serve every smaller one.
 std::int64_t token_blocks_bound(std::int64_t tokens, std::int64_t width, std::int64_t rank) {
   const std::int64_t groups = std::max<std::int64_t>(1, (tokens + kTokenGroup - 1) / kTokenGroup);
-  return std::min(groups, std::max<std::int64_t>(1, kTargetBlocks / pass_grid(tokens, width, rank).col_blocks));
+  return std::min(
+      groups, std::max<std::int64_t>(1, kTargetBlocks / pass_grid(tokens, width, rank).col_blocks));
 }
 
-/// Bytes of the v partials at the front of the backward's workspace.
-std::size_t v_part_bytes(const LoraTrainShape& s) {
-  return floats_bytes(pass_grid(s.tokens, s.out, s.rank).col_blocks * s.tokens * s.rank);
-}
+/// The workspace: shrink partials, then v (backward), then outer partials.
+struct Workspace {
+  float* shrink_part = nullptr;
+  float* v = nullptr;
+  float* outer_part = nullptr;
+  std::size_t bytes = 0;
+
+  Workspace(const LoraTrainShape& s, void* base) {
+    auto* at = static_cast<char*>(base);
+    const std::int64_t parts = std::max(pass_grid(s.tokens, s.in, s.rank).shrink_parts(),
+                                        pass_grid(s.tokens, s.out, s.rank).shrink_parts());
+    shrink_part = reinterpret_cast<float*>(at + bytes);
+    bytes += floats_bytes(parts * s.tokens * s.rank);
+    v = reinterpret_cast<float*>(at + bytes);
+    bytes += floats_bytes(s.tokens * s.rank);
+    outer_part = reinterpret_cast<float*>(at + bytes);
+    bytes += std::max(floats_bytes(token_blocks_bound(s.tokens, s.out, s.rank) * s.out * s.rank),
+                      floats_bytes(token_blocks_bound(s.tokens, s.in, s.rank) * s.in * s.rank));
+  }
+};
 
 }  // namespace
 
 std::size_t lora_train_workspace_bytes(const LoraTrainShape& s) {
-  const std::int64_t in_col_blocks = pass_grid(s.tokens, s.in, s.rank).col_blocks;
-  const std::size_t forward = floats_bytes(in_col_blocks * s.tokens * s.rank);
-  const std::size_t backward =
-      v_part_bytes(s) +
-      std::max(floats_bytes(token_blocks_bound(s.tokens, s.out, s.rank) * s.out * s.rank),
-               floats_bytes(token_blocks_bound(s.tokens, s.in, s.rank) * s.in * s.rank));
-  return std::max(forward, backward);
+  return Workspace(s, nullptr).bytes;
 }
 
 void lora_train_forward(const __half* x, const float* a, const float* b,
@@ -389,18 +505,17 @@ void lora_train_forward(const __half* x, const float* a, const float* b,
   if (shape.tokens == 0) return;
   const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
   const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
-  auto* u_part = static_cast<float*>(workspace);
+  const Workspace ws(shape, workspace);
 
-  PassArgs shrink = input_side(shape, a);  // u partials = dropout(x) A^T per column block
+  PassArgs shrink = input_side(shape, a);  // u partials = dropout(x) A^T
   shrink.in = x;
-  shrink.shrink_part = u_part;
+  shrink.shrink_part = ws.shrink_part;
   launch_pass<true, false, false>(shrink, in_side, stream);
+  sum_shrink(ws.shrink_part, in_side, shape.tokens, shrink.rank, u, stream);
 
-  PassArgs expand = output_side(shape, b);  // u = sum of the partials; y += scale u B^T
+  PassArgs expand = output_side(shape, b);  // y += scale u B^T
   expand.out = y;
-  expand.s = u_part;
-  expand.s_parts = static_cast<int>(in_side.col_blocks);
-  expand.s_sum = u;
+  expand.s = u;
   expand.scale = shape.scale;
   launch_pass<false, false, true>(expand, out_side, stream);
 }
@@ -418,17 +533,14 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
   const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
   const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
   const int rank = static_cast<int>(shape.rank);
-  auto* v_part = static_cast<float*>(workspace);
-  auto* outer_part =
-      reinterpret_cast<float*>(static_cast<char*>(workspace) + v_part_bytes(shape));
+  const Workspace ws(shape, workspace);
   const bool need_v = dx != nullptr || da != nullptr;
 
   PassArgs over_dy = output_side(shape, b);  // v partials = dy B; dB partials = dy^T u
   over_dy.in = dy;
   over_dy.s = u;
-  over_dy.s_parts = 1;
-  over_dy.shrink_part = v_part;
-  over_dy.outer_part = outer_part;
+  over_dy.shrink_part = ws.shrink_part;
+  over_dy.outer_part = ws.outer_part;
   if (need_v && db != nullptr) {
     launch_pass<true, true, false>(over_dy, out_side, stream);
   } else if (need_v) {
@@ -437,16 +549,17 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
     launch_pass<false, true, false>(over_dy, out_side, stream);
   }
   if (db != nullptr) {
-    launch_reduce(outer_part, out_side, shape.out, rank, shape.scale, db, shape.rank, 1, stream);
+    launch_sum(ws.outer_part, out_side.token_blocks, shape.out, rank, shape.scale, true, db,
+               shape.rank, 1, stream);
   }
   if (!need_v) return;
+  sum_shrink(ws.shrink_part, out_side, shape.tokens, rank, ws.v, stream);
 
-  PassArgs over_x = input_side(shape, a);  // v = sum; dA partials = v^T x~; dx += drop'(v A)
+  PassArgs over_x = input_side(shape, a);  // dA partials = v^T x~; dx += drop'(scale v A)
   over_x.in = x;
   over_x.out = dx;
-  over_x.s = v_part;
-  over_x.s_parts = static_cast<int>(out_side.col_blocks);
-  over_x.outer_part = outer_part;
+  over_x.s = ws.v;
+  over_x.outer_part = ws.outer_part;
   over_x.scale = shape.scale;
   if (da != nullptr && dx != nullptr) {
     launch_pass<false, true, true>(over_x, in_side, stream);
@@ -456,7 +569,8 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
     launch_pass<false, false, true>(over_x, in_side, stream);
   }
   if (da != nullptr) {
-    launch_reduce(outer_part, in_side, shape.in, rank, shape.scale, da, 1, shape.in, stream);
+    launch_sum(ws.outer_part, in_side.token_blocks, shape.in, rank, shape.scale, true, da, 1,
+               shape.in, stream);
   }
 }
 

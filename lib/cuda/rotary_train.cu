@@ -1,13 +1,15 @@
 // glm_rotary_qkv (include/qinggeng/cuda/attention_train.h): the 2-D rotary of a training step,
 // in place on the q and k slices of fused qkv rows, forward or inverse (the backward of the
-// rotation is the rotation by the negated angles). One block per row; each thread rotates one
-// (x1, x2) pair of one half of one head, for q and k, after the row's angles are tabulated in
+// rotation is the rotation by the negated angles). One block per 4 rows; each thread rotates 8
+// consecutive (x1, x2) pairs of one half of one head (two 16-byte accesses; one pair where
+// head_dim is not a multiple of 32), for q and k, after the row's angles are tabulated in
 // shared memory. The frequencies are model/rotary.h's (the fp16-rounded table of the release),
 // the same the inference append kernel and the CPU reference use.
 #include <cstdint>
 #include <vector>
 
 #include "cuda/check.h"
+#include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/attention_train.h"
 #include "qinggeng/error.h"
 #include "qinggeng/model/rotary.h"
@@ -17,6 +19,7 @@ namespace {
 
 constexpr int kMaxQuarter = 32;  // head_dim / 4 for head_dim <= 128
 constexpr int kThreads = 256;
+constexpr int kRows = 4;  // rows per block
 
 struct RotaryFreqs {
   float inv_freq[kMaxQuarter];
@@ -24,31 +27,46 @@ struct RotaryFreqs {
 
 // ---- CUDA kernels ----
 
+/// kRows rows per block. A unit is kVec consecutive pairs (x1 at j, x2 at j + head_dim / 4) of
+/// one half of one head's q or k in one row: two kVec-wide accesses (16 bytes each when
+/// kVec == 8).
+template <int kVec>
 __global__ void __launch_bounds__(kThreads)
-    rotary_qkv_kernel(__half* qkv, int heads, int head_dim, const int* positions,
-                      const int* block_positions, float sign, RotaryFreqs f) {
-  __shared__ float cos_t[2][kMaxQuarter], sin_t[2][kMaxQuarter];
-  const int row = blockIdx.x;
+    rotary_qkv_kernel(__half* qkv, std::int64_t tokens, int heads, int head_dim,
+                      const int* positions, const int* block_positions, float sign,
+                      RotaryFreqs f) {
+  __shared__ float cos_t[kRows][2][kMaxQuarter], sin_t[kRows][2][kMaxQuarter];
+  const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * kRows;
+  const int rows = static_cast<int>(tokens - row0 < kRows ? tokens - row0 : kRows);
   const int quarter = head_dim / 4, half = head_dim / 2;
-  if (threadIdx.x < 2 * quarter) {
-    const int which = threadIdx.x / quarter, j = threadIdx.x % quarter;
-    const int pos = which == 0 ? positions[row] : block_positions[row];
+  for (int i = threadIdx.x; i < rows * 2 * quarter; i += blockDim.x) {
+    const int r = i / (2 * quarter), which = i / quarter % 2, j = i % quarter;
+    const int pos = which == 0 ? positions[row0 + r] : block_positions[row0 + r];
     float s, c;
     sincosf(static_cast<float>(pos) * f.inv_freq[j], &s, &c);
-    cos_t[which][j] = c;
-    sin_t[which][j] = sign * s;
+    cos_t[r][which][j] = c;
+    sin_t[r][which][j] = sign * s;
   }
   __syncthreads();
-  __half* base = qkv + static_cast<std::size_t>(row) * 3 * heads * head_dim;
-  const int pairs = heads * 2 * half / 2;  // per head: 2 halves x quarter pairs, for q and k
-  for (int p = threadIdx.x; p < 2 * pairs; p += blockDim.x) {
-    const int qk = p / pairs, rest = p % pairs;  // qk 0: q slice, 1: k slice
-    const int h = rest / half, r = rest % half, which = r / quarter, j = r % quarter;
-    __half* x = base + h * 3 * head_dim + qk * head_dim + which * half + j;
-    const float a = __half2float(x[0]), e = __half2float(x[quarter]);
-    const float c = cos_t[which][j], s = sin_t[which][j];
-    x[0] = __float2half_rn(a * c - e * s);
-    x[quarter] = __float2half_rn(e * c + a * s);
+  const int groups = quarter / kVec;
+  const int units = heads * 2 * 2 * groups;  // per row: (head, q or k, which half, group)
+  for (int i = threadIdx.x; i < rows * units; i += blockDim.x) {
+    const int r = i / units, u = i % units;
+    const int j0 = (u % groups) * kVec, which = (u / groups) % 2, qk = (u / groups / 2) % 2;
+    const int h = u / groups / 4;
+    __half* x = qkv + (row0 + r) * 3 * heads * head_dim + h * 3 * head_dim + qk * head_dim +
+                which * half + j0;
+    HalfVec<kVec> a = *reinterpret_cast<const HalfVec<kVec>*>(x);
+    HalfVec<kVec> e = *reinterpret_cast<const HalfVec<kVec>*>(x + quarter);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const float va = __half2float(a.v[k]), ve = __half2float(e.v[k]);
+      const float c = cos_t[r][which][j0 + k], s = sin_t[r][which][j0 + k];
+      a.v[k] = __float2half_rn(va * c - ve * s);
+      e.v[k] = __float2half_rn(ve * c + va * s);
+    }
+    *reinterpret_cast<HalfVec<kVec>*>(x) = a;
+    *reinterpret_cast<HalfVec<kVec>*>(x + quarter) = e;
   }
 }
 
@@ -68,8 +86,15 @@ void glm_rotary_qkv(__half* qkv, std::int64_t tokens, int heads, int head_dim,
   RotaryFreqs f{};
   const std::vector<float> table = model::glm_rotary_inv_freq(head_dim / 2);
   for (std::size_t j = 0; j < table.size(); ++j) f.inv_freq[j] = table[j];
-  rotary_qkv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-      qkv, heads, head_dim, positions, block_positions, inverse ? -1.0f : 1.0f, f);
+  const float sign = inverse ? -1.0f : 1.0f;
+  const auto blocks = static_cast<unsigned>((tokens + kRows - 1) / kRows);
+  if (head_dim % 32 == 0 && aligned16(qkv)) {  // quarters of 8k pairs: 16-byte units
+    rotary_qkv_kernel<8><<<blocks, kThreads, 0, stream>>>(qkv, tokens, heads, head_dim, positions,
+                                                          block_positions, sign, f);
+  } else {
+    rotary_qkv_kernel<1><<<blocks, kThreads, 0, stream>>>(qkv, tokens, heads, head_dim, positions,
+                                                          block_positions, sign, f);
+  }
   QG_CUDA_CHECK(cudaGetLastError());
 }
 

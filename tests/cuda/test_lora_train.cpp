@@ -2,7 +2,8 @@
 // (reference_backward.h's lora_forward / lora_backward) on fp16-rounded activations and fp32
 // factors: odd and ChatGLM-sized shapes, ranks 1..64, dropout 0 and > 0. The dropout mask must
 // be the CPU's bit for bit: with dx starting at zero, exactly the elements the CPU drops stay
-// zero. Also: the gradients when only some of dx / dA / dB are wanted, bitwise repeatability,
+// zero. Packed examples (row_seed / row_position) match the reference run example by example.
+// Also: the gradients when only some of dx / dA / dB are wanted, bitwise repeatability,
 // a workspace size that never shrinks with more tokens, and the argument checks. Tag [lora-train].
 #include <algorithm>
 #include <cmath>
@@ -159,6 +160,74 @@ TEST_CASE("GPU LoRA training forward and backward match the CPU reference", "[lo
       CHECK(std::abs(rate - s.dropout) < 0.05);
     }
   }
+}
+
+TEST_CASE("GPU LoRA training over packed examples draws each example's own mask", "[lora-train]") {
+  const std::vector<std::int64_t> lengths = {37, 100, 5, 64};
+  std::int64_t T = 0;
+  for (const std::int64_t n : lengths) T += n;
+  Case c(shape_of(T, 1032, 264, 8, 0.1f));  // the packed rows' data (its reference is unused)
+  const auto I = c.shape.in, O = c.shape.out, R = c.shape.rank;
+  // The CPU reference, example by example, each with its own seed and row indices from 0.
+  std::vector<std::uint64_t> row_seed;
+  std::vector<std::int32_t> row_position;
+  std::vector<float> y = c.y0.data, u(static_cast<std::size_t>(T * R)), dx = c.dx0.data;
+  std::vector<float> da(static_cast<std::size_t>(R * I), 0.0f), db(static_cast<std::size_t>(O * R), 0.0f);
+  std::vector<std::uint64_t> example_seed;
+  std::int64_t t0 = 0;
+  for (std::size_t e = 0; e < lengths.size(); ++e) {
+    const std::uint64_t base = (e + 1) * 0x9E3779B97F4A7C15ull;
+    const qg::train::LoraShape ref{lengths[e], I, O, R, c.shape.scale, c.shape.dropout,
+                                   c.shape.seed + base};
+    qg::train::lora_forward(c.x.data.data() + t0 * I, c.a.data.data(), c.b.data.data(), ref,
+                            y.data() + t0 * O, u.data() + t0 * R);
+    qg::train::lora_backward(c.x.data.data() + t0 * I, c.a.data.data(), c.b.data.data(),
+                             u.data() + t0 * R, c.dy.data.data() + t0 * O, ref, dx.data() + t0 * I,
+                             da.data(), db.data());
+    for (std::int64_t r = 0; r < lengths[e]; ++r) {
+      row_seed.push_back(base);
+      row_position.push_back(static_cast<std::int32_t>(r));
+      example_seed.push_back(ref.seed);
+    }
+    t0 += lengths[e];
+  }
+  DeviceBuffer<std::uint64_t> d_row_seed(row_seed.size());
+  DeviceBuffer<std::int32_t> d_row_position(row_position.size());
+  d_row_seed.upload(row_seed);
+  d_row_position.upload(row_position);
+  c.shape.row_seed = d_row_seed.get();
+  c.shape.row_position = d_row_position.get();
+
+  DeviceCase d(c);
+  d.forward();
+  QG_CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(relative_l2(d.u.download(), u) < 1e-5);
+  CHECK(relative_l2(qg::test::download_fp16(d.y, T, O).data, y) < 2e-3);
+  d.backward(true, true, true);
+  CHECK(relative_l2(qg::test::download_fp16(d.dx, T, I).data, dx) < 2e-3);
+  CHECK(relative_l2(d.da.download(), da) < 1e-5);
+  CHECK(relative_l2(d.db.download(), db) < 1e-5);
+
+  // From dx = 0, a dropped element of row t stays zero: the mask of t's own example.
+  d.backward(true, false, false, true);
+  const HostMatrix masked = qg::test::download_fp16(d.dx, T, I);
+  std::int64_t mismatches = 0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t i = 0; i < I; ++i) {
+      const auto index = static_cast<std::uint64_t>(row_position[static_cast<std::size_t>(t)] * I + i);
+      const bool keep = qg::train::dropout_keep(example_seed[static_cast<std::size_t>(t)], index,
+                                                c.shape.dropout);
+      if (!keep && masked.at(t, i) != 0.0f) ++mismatches;
+    }
+  }
+  CHECK(mismatches == 0);
+
+  auto half_set = c.shape;
+  half_set.row_position = nullptr;
+  REQUIRE_THROWS_WITH(qg::cuda::lora_train_forward(d.x.get(), d.a.get(), d.b.get(), half_set,
+                                                   d.y.get(), d.u.get(), d.workspace.get(),
+                                                   d.workspace_bytes, nullptr),
+                      QG_CONTAINS("row_position"));
 }
 
 TEST_CASE("GPU LoRA training workspace never shrinks with more tokens", "[lora-train]") {

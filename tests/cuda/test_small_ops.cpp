@@ -1,6 +1,7 @@
 // GPU small ops (LayerNorm, embedding gather, gelu_tanh, scaled add, gather rows) against the
 // CPU backend through tests/backend_ops.h, on fp16-rounded inputs, for widths that take the
 // 16-byte vector path (multiples of 8) and widths that take the scalar path.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -43,7 +44,7 @@ TEST_CASE("GPU layer_norm matches the CPU backend") {
                       QG_CONTAINS("null pointer"));
 }
 
-TEST_CASE("GPU gelu, scaled_add, embedding and gather_rows match the CPU backend") {
+TEST_CASE("GPU gelu, scaled_add, embedding, gather_rows and scatter_rows match the CPU backend") {
   auto cpu = qg::model::make_cpu_backend(2);
   for (const std::int64_t cols : kWidths) {
     INFO("cols " << cols);
@@ -77,6 +78,26 @@ TEST_CASE("GPU gelu, scaled_add, embedding and gather_rows match the CPU backend
                           static_cast<std::int64_t>(rows.size()), picked.buf.get(), nullptr);
     CHECK(qg::test::tolerance_ratio(picked.host(), qg::test::run_gather_rows(*cpu, table, rows), 1e-6,
                                     0) <= 1.0);
+
+    // scatter_rows puts rows back where they came from and leaves the others alone; an index
+    // outside the output is skipped.
+    const std::vector<std::int64_t> targets = {7, 2, 50, 0};
+    DeviceBuffer<std::int64_t> d_targets(targets.size());
+    d_targets.upload(targets);
+    DeviceMatrix scattered(table);
+    qg::cuda::scatter_rows(picked.buf.get(), static_cast<std::int64_t>(targets.size()), cols,
+                           d_targets.get(), scattered.buf.get(), table.rows, nullptr);
+    const HostMatrix got = scattered.host(), from = picked.host();
+    std::int64_t wrong = 0;
+    for (std::int64_t r = 0; r < table.rows; ++r) {
+      const auto it = std::find(targets.begin(), targets.end(), r);
+      const std::int64_t src = it == targets.end() ? -1 : it - targets.begin();
+      for (std::int64_t c = 0; c < cols; ++c) {
+        const float want = src < 0 ? table.at(r, c) : from.at(src, c);
+        wrong += got.at(r, c) == want ? 0 : 1;
+      }
+    }
+    CHECK(wrong == 0);
   }
 }
 

@@ -1,5 +1,5 @@
 // Small memory-bound fp16 ops of the GLM forward pass (fp32 math inside): embedding gather,
-// gelu_tanh in place, GLM's scaled residual add, and row gathers. Each is one grid-stride
+// gelu_tanh in place, GLM's scaled residual add, row gathers and scatters. Each is one grid-stride
 // kernel with 16-byte accesses when sizes and pointers allow, scalar otherwise.
 #pragma once
 
@@ -30,6 +30,12 @@ void scaled_add(const __half* a, float alpha, const __half* b, std::int64_t coun
 /// validated by the caller (an index outside [0, x_rows) yields a zero row).
 void gather_rows(const __half* x, std::int64_t x_rows, std::int64_t cols,
                  const std::int64_t* rows, std::int64_t n, __half* out, cudaStream_t stream);
+
+/// \brief out[rows[i]] = x[i] for i < n, rows of `cols` values (the inverse of gather_rows);
+/// other rows of out are left as they are. rows on the device, distinct, validated by the
+/// caller (an index outside [0, out_rows) is skipped).
+void scatter_rows(const __half* x, std::int64_t n, std::int64_t cols, const std::int64_t* rows,
+                  __half* out, std::int64_t out_rows, cudaStream_t stream);
 
 /// \brief out = gelu_tanh(x) over `count` values (the training forward keeps x for the
 /// backward, so the result goes elsewhere).

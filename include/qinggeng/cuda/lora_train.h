@@ -24,6 +24,12 @@ struct LoraTrainShape {
   float scale = 1.0f;      ///< lora_alpha / r
   float dropout = 0.0f;    ///< drop probability in [0, 1); 0 disables dropout
   std::uint64_t seed = 0;  ///< the mask (reference_backward.h's LoraShape::seed)
+  /// Packed examples in one call (both null: one example, row t draws with `seed`). When set,
+  /// device arrays [tokens]: row t draws its mask as its own example would, with seed
+  /// `seed + row_seed[t]` (wrapping) and element index `row_position[t] * in + i`, where
+  /// row_position[t] is t's row within its example.
+  const std::uint64_t* row_seed = nullptr;
+  const std::int32_t* row_position = nullptr;
 };
 
 /// \brief Scratch bytes lora_train_forward / lora_train_backward need for `shape` (partial
