@@ -2,7 +2,8 @@
 // accumulation) on ChatGLM-6B's linear layers for decode (M = 1..16, skinny path) and prefill
 // (M = 64..2048, tiled, or skinny where gemm_plan says so). Weights and activations rotate
 // over enough copies that L2 (50 MB on H100) never holds them between calls, as in a real
-// forward pass over 28 layers.
+// forward pass over 28 layers. At M = 2048 each layer also runs with the fused epilogue the
+// model gives it (bias, bias + gelu, bias + residual), timed against cuBLAS's plain product.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 
@@ -28,7 +29,7 @@ struct Workspace {
   std::int64_t N = 0, K = 0;
   int copies = 0;
   std::vector<std::unique_ptr<RandomHalfBuffer>> w, x;
-  std::unique_ptr<RandomHalfBuffer> y;
+  std::unique_ptr<RandomHalfBuffer> y, bias, residual;
 };
 
 Workspace& workspace_for(std::int64_t N, std::int64_t K) {
@@ -46,17 +47,48 @@ Workspace& workspace_for(std::int64_t N, std::int64_t K) {
           std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(kMaxTokens * K), 1.0f));
     }
     ws.y = std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(kMaxTokens * N), 1.0f);
+    ws.bias = std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(N), 0.5f);
+    ws.residual =
+        std::make_unique<RandomHalfBuffer>(static_cast<std::size_t>(kMaxTokens * N), 1.0f);
   }
   return ws;
 }
 
-void bench_linear(benchmark::State& state, LinearShape shape, std::int64_t M) {
+using Kind = cuda::GemmEpilogue::Kind;
+
+/// The epilogue each ChatGLM-6B layer runs in the model (qkv: bias; dense and 4h_to_h: bias +
+/// residual; h_to_4h: bias + gelu; lm_head: none).
+Kind model_epilogue(const LinearShape& shape) {
+  const std::string name = shape.name;
+  if (name == "qkv") return Kind::Bias;
+  if (name == "h_to_4h") return Kind::BiasGelu;
+  if (name == "dense" || name == "4h_to_h") return Kind::BiasResidual;
+  return Kind::None;
+}
+
+const char* epilogue_name(Kind kind) {
+  switch (kind) {
+    case Kind::Bias: return " + bias";
+    case Kind::BiasGelu: return " + bias, gelu";
+    case Kind::BiasResidual: return " + bias, residual";
+    default: return "";
+  }
+}
+
+void bench_linear(benchmark::State& state, LinearShape shape, std::int64_t M, Kind kind) {
   const std::int64_t N = shape.N, K = shape.K;
   Workspace& ws = workspace_for(N, K);
+  cuda::GemmEpilogue epilogue;
+  epilogue.kind = kind;
+  if (kind != Kind::None) epilogue.bias = ws.bias->data();
+  if (kind == Kind::BiasResidual) {
+    epilogue.residual = ws.residual->data();
+    epilogue.alpha = 7.48f;  // ChatGLM-6B's sqrt(2 * 28 layers)
+  }
   auto ours = [&](int i) {
     const int c = i % ws.copies;
-    cuda::gemm_f16(ws.x[c]->data(), ws.w[c]->data(), ws.y->data(), false, M, N, K,
-                   cuda::GemmEpilogue{}, nullptr);
+    cuda::gemm_f16(ws.x[c]->data(), ws.w[c]->data(), ws.y->data(), false, M, N, K, epilogue,
+                   nullptr);
   };
   const float one = 1.0f, zero = 0.0f;
   auto reference = [&](int i) {
@@ -90,12 +122,13 @@ void bench_linear(benchmark::State& state, LinearShape shape, std::int64_t M) {
   state.counters["pct_cublas"] = 100.0 * r / t;
   state.counters["weight_GBps"] = weight_gbps;
   state.counters["pct_copy_bw"] = 100.0 * weight_gbps / peak.copy_gbps;
-  table_row("GEMM: qg::cuda::gemm_f16 vs cuBLAS (fp16 in/out, fp32 accumulate, no epilogue)",
+  table_row("GEMM: qg::cuda::gemm_f16 vs cuBLAS (fp16 in/out, fp32 accumulate; cuBLAS runs "
+            "the plain product, ours the epilogue named in the row, if any)",
             {"layer, M", "N", "K", "kernel", "ours us", "cuBLAS us", "ours TFLOP/s",
              "cuBLAS TFLOP/s", "% of cuBLAS", "ours weight GB/s", "% of copy BW"},
-            {std::string(shape.name) + ", M=" + std::to_string(M), std::to_string(N),
-             std::to_string(K), cuda::gemm_plan(M, N),
-             cell(t * 1e3, 1), cell(r * 1e3, 1), cell(flop / (t * 1e-3) / 1e12, 1),
+            {std::string(shape.name) + epilogue_name(kind) + ", M=" + std::to_string(M),
+             std::to_string(N), std::to_string(K), cuda::gemm_plan(M, N), cell(t * 1e3, 1),
+             cell(r * 1e3, 1), cell(flop / (t * 1e-3) / 1e12, 1),
              cell(flop / (r * 1e-3) / 1e12, 1), cell(100.0 * r / t, 0), cell(weight_gbps, 0),
              cell(100.0 * weight_gbps / peak.copy_gbps, 0)});
 }
@@ -111,7 +144,13 @@ const bool registered = [] {
   for (const LinearShape& shape : kChatGlmLinears) {
     for (std::int64_t M : kTokens) {
       const std::string name = std::string("gemm/") + shape.name + "/M=" + std::to_string(M);
-      register_kernel_benchmark(name, kBatches, bench_linear, shape, M);
+      register_kernel_benchmark(name, kBatches, bench_linear, shape, M, Kind::None);
+    }
+    const Kind fused = model_epilogue(shape);
+    if (fused != Kind::None) {
+      const std::string name = std::string("gemm/") + shape.name + "_fused/M=" +
+                               std::to_string(kMaxTokens);
+      register_kernel_benchmark(name, kBatches, bench_linear, shape, kMaxTokens, fused);
     }
   }
   return true;

@@ -4,6 +4,9 @@
 // mbarriers; two consumer warpgroups each run wgmma on 64 rows of the 128 x BN tile, keep one
 // batch in flight, and hand slots back through "empty" mbarriers. No CTA-wide barrier in the
 // main loop. TMA zero-fills rows and columns past M, N and K, so tails need no special code.
+// The epilogue stages the fp32 tile in the idle slots and stores it row by row with 16-byte
+// coalesced accesses (tiles::store_row8): a short loop, not per-thread stores unrolled over
+// the accumulators, whose code size made the instruction cache the bottleneck of every tile.
 // The same kernel also runs the training backward's dX = dY W (gemm_backward.h) with W read as
 // stored, [K, N]: TMA brings {64 columns, 64 k rows} boxes and wgmma reads B MN-major
 // (its transpose-B mode), so no transposed weight copy exists.
@@ -32,6 +35,10 @@ struct WgmmaShape {
   static constexpr int StageBytes = ABytes + BBytes;
   // Stages, then 2 * Stages mbarriers, plus slack to align the base to the swizzle period.
   static constexpr int SmemBytes = Stages * StageBytes + 2 * Stages * 8 + 1024;
+  // The epilogue stages the fp32 tile over the (then idle) slots, rows padded by 8 floats so
+  // the accumulator stores of a half-warp (4 rows x 8 columns) hit 32 different banks.
+  static constexpr int StagePitch = BN + 8;
+  static_assert(BM * StagePitch * 4 <= Stages * StageBytes, "staged tile exceeds the slots");
 };
 
 // ---- CUDA kernels ----
@@ -54,6 +61,8 @@ __global__ void __launch_bounds__(S::Threads, 1)
   const int k_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
 
   if (threadIdx.x == 0) {
+    wgmma::tma_prefetch_descriptor(&map_x);
+    wgmma::tma_prefetch_descriptor(&map_w);
     for (int s = 0; s < S::Stages; ++s) {
       wgmma::barrier_init(&full[s], 1);   // the producer's expect_tx arrival
       wgmma::barrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
@@ -123,17 +132,39 @@ __global__ void __launch_bounds__(S::Threads, 1)
   }
   wgmma::wait<0>();
 
+  // Epilogue through shared memory. Once both consumer warpgroups' wgmma are done the slots
+  // are idle (every TMA copy landed before its slice was consumed): the accumulators go there
+  // as fp32, then each warp applies the epilogue to whole rows, 8 columns per thread, with
+  // 16-byte coalesced loads and stores, in a short loop. (Storing straight from the
+  // accumulator registers unrolls to 64 pair stores per thread, each carrying every epilogue
+  // kind: ~130 KB of code run once per tile, which missed the instruction cache and cost
+  // ~20 us per tile, more than half of a K = 4096 tile's time.)
+  constexpr int kConsumerThreads = S::Threads - 128;
+  wgmma::named_barrier_sync(1, kConsumerThreads);
+  auto* staged = reinterpret_cast<float*>(smem);
   // Accumulator layout: per n8 block j, the mma.sync fragment layout of this warp's 16 rows.
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x % 128) / 32;
-  const std::int64_t row = m0 + consumer * 64 + warp_in_group * 16 + lane / 4;
+  const int tile_row = consumer * 64 + warp_in_group * 16 + lane / 4;
 #pragma unroll
   for (int h = 0; h < kHalves; ++h) {
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      const std::int64_t col = n0 + h * 128 + j * 8 + (lane % 4) * 2;
-      tiles::store_pair(e, row, col, acc[h][4 * j], acc[h][4 * j + 1]);
-      tiles::store_pair(e, row + 8, col, acc[h][4 * j + 2], acc[h][4 * j + 3]);
+      float* at = staged + tile_row * S::StagePitch + h * 128 + j * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2*>(at) = make_float2(acc[h][4 * j], acc[h][4 * j + 1]);
+      *reinterpret_cast<float2*>(at + 8 * S::StagePitch) =
+          make_float2(acc[h][4 * j + 2], acc[h][4 * j + 3]);
     }
+  }
+  wgmma::named_barrier_sync(1, kConsumerThreads);
+  const bool vectors = tiles::row8_vectors_ok(e);
+  constexpr int kGroupsPerRow = S::BN / 8;
+#pragma unroll 2
+  for (int g = threadIdx.x - 128; g < S::BM * kGroupsPerRow; g += kConsumerThreads) {
+    const int r = g / kGroupsPerRow, c = (g % kGroupsPerRow) * 8;
+    const float4 lo = *reinterpret_cast<const float4*>(staged + r * S::StagePitch + c);
+    const float4 hi = *reinterpret_cast<const float4*>(staged + r * S::StagePitch + c + 4);
+    float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    tiles::store_row8(e, std::int64_t{m0} + r, std::int64_t{n0} + c, v, vectors);
   }
 #else
   (void)map_x, (void)map_w, (void)e, (void)K;

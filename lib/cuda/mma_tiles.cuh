@@ -221,4 +221,64 @@ __device__ __forceinline__ void store_pair(const Epilogue& e, std::int64_t row, 
   }
 }
 
+/// Whether store_row8 may use 16-byte accesses: N % 8 == 0 and y, the bias and the residual
+/// 16-byte aligned (then every 8-column group starting at a multiple of 8 is).
+__device__ __forceinline__ bool row8_vectors_ok(const Epilogue& e) {
+  const auto misaligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16; };
+  return e.N % 8 == 0 && !misaligned(e.y) && !misaligned(e.bias) && !misaligned(e.residual);
+}
+
+/// Eight fp16 values at a 16-byte aligned address, as floats.
+__device__ __forceinline__ void load_half8(const __half* p, float (&out)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const auto* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+/// Applies the epilogue to acc[row, col .. col + 7] (v) and stores what is in bounds: with
+/// 16-byte loads of bias / residual and 16-byte stores when `vectors` (row8_vectors_ok) and
+/// col % 8 == 0 and all 8 columns are inside N, else pair by pair through store_pair.
+/// Epilogues that stage a tile in shared memory store it with this, a warp covering whole rows.
+__device__ __forceinline__ void store_row8(const Epilogue& e, std::int64_t row, std::int64_t col,
+                                           float (&v)[8], bool vectors) {
+  if (row >= e.M || col >= e.N) return;
+  if (!vectors || col + 8 > e.N) {
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) store_pair(e, row, col + i, v[i], v[i + 1]);
+    return;
+  }
+  const std::int64_t at = row * e.N + col;
+  float add[8];
+  if (e.kind != 0 && e.kind != 4) {  // bias (+ gelu)
+    load_half8(e.bias + col, add);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] += add[i];
+    if (e.kind == 2) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = gelu_tanh(v[i]);
+    }
+  }
+  if (e.kind >= 3) {  // + residual * alpha
+    load_half8(e.residual + at, add);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = add[i] * e.alpha + v[i];
+  }
+  if (e.y_fp32) {
+    auto* out = reinterpret_cast<float4*>(static_cast<float*>(e.y) + at);
+    out[0] = make_float4(v[0], v[1], v[2], v[3]);
+    out[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint4 packed;
+    auto* h = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(static_cast<__half*>(e.y) + at) = packed;
+  }
+}
+
 }  // namespace qg::cuda::tiles

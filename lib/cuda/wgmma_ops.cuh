@@ -1,7 +1,7 @@
 // Hopper (sm_90a) warpgroup MMA wrappers: wgmma.mma_async m64nNk16 with fp16 inputs from
 // shared memory and fp32 accumulators in registers, plus its fence / commit / wait and the
 // shared-memory matrix descriptor for K-major tiles stored with the 128-byte swizzle, and the
-// mbarrier / TMA / setmaxnreg primitives of a warp-specialised Hopper pipeline.
+// mbarrier / named-barrier / TMA / setmaxnreg primitives of a warp-specialised Hopper pipeline.
 // The instruction bodies exist only in the sm_90a pass of nvcc (__CUDA_ARCH_FEAT_SM90_ALL);
 // other targets compile a trap, and the host side never launches them there.
 #pragma once
@@ -91,6 +91,12 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
 #endif
 }
 
+/// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32): lets
+/// some warpgroups of a CTA synchronise without the others.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- mbarriers and the tensor-memory-access (TMA) copy engine ----
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -153,6 +159,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int inne
       " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_addr(dst)),
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
       : "memory");
+#endif
+}
+
+/// Starts fetching a TMA descriptor (a __grid_constant__ kernel parameter) into the copy
+/// engine's cache, so the first copy does not wait for it.
+__device__ __forceinline__ void tma_prefetch_descriptor(const void* map) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(map))
+               : "memory");
 #endif
 }
 

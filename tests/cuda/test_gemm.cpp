@@ -1,6 +1,7 @@
 // qg::cuda::gemm_f16 (tiled and skinny paths) against the CPU reference backend over odd
-// shapes, every epilogue and both output types; against cuBLAS at model-sized shapes; batched
-// decode equal to one-by-one; and the argument checks.
+// shapes, every epilogue and both output types; the Hopper wgmma tiles (both sizes, many
+// tiles, tails in M, N and K, odd N) for gemm_f16 and gemm_f16_nn; against cuBLAS at
+// model-sized shapes; batched decode equal to one-by-one; and the argument checks.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -13,6 +14,7 @@
 #include "backend_ops.h"
 #include "catch.hpp"
 #include "qinggeng/cuda/gemm.h"
+#include "qinggeng/cuda/gemm_backward.h"
 #include "qinggeng/tensor/dtype.h"
 
 namespace {
@@ -185,6 +187,97 @@ TEST_CASE("gemm_f16 runs wgmma for prefill shapes on sm_90") {
   }
   CHECK(qg::cuda::gemm_plan(16, 4096) == "skinny");
   CHECK(qg::cuda::gemm_plan(64, 4096) == "skinny");  // 32 tiles would idle most SMs
+}
+
+TEST_CASE("gemm_f16 wgmma tiles: tails in M, N and K, odd N, every epilogue and output type") {
+  if (!wgmma_available()) return;  // needs sm_90 and a build with the sm_90a kernels
+  auto cpu = qg::model::make_cpu_backend();
+  const float alpha = 0.75f;
+  struct Shape {
+    std::int64_t M, N, K;
+    const char* plan;  // what the planner picks on a 132-SM H100 (INFO only: SM counts vary)
+  };
+  // 1000 rows = 7 full m-tiles + 104; N 4000 / 4001 end inside a 256-wide tile; N = 1001 and
+  // 4001 are odd (pair stores instead of 16-byte rows); K = 72 and 1032 end inside a K slice.
+  for (const Shape s : {Shape{1000, 4000, 1032, "wgmma 128x256"},
+                        Shape{1000, 4001, 72, "wgmma 128x256"},
+                        Shape{300, 4104, 72, "wgmma 128x128"},
+                        Shape{300, 1001, 1032, "wgmma 128x128"}}) {
+    HostProblem p(s.M, s.N, s.K, 900 + static_cast<std::uint32_t>(s.N));
+    const HostMatrix plain = qg::test::run_linear(*cpu, p.x, p.w, nullptr);
+    HostMatrix biased = plain;
+    for (std::int64_t r = 0; r < s.M; ++r)
+      for (std::int64_t c = 0; c < s.N; ++c) biased.at(r, c) += p.bias.at(0, c);
+    const HostMatrix gelu = qg::test::run_gelu(*cpu, biased);
+    const HostMatrix residual = qg::test::run_scaled_add(*cpu, p.residual, alpha, biased);
+    GpuProblem gpu(p.x, p.w, p.bias, p.residual);
+    for (bool fp32 : {false, true}) {
+      const struct {
+        Kind kind;
+        const HostMatrix* ref;
+      } cases[] = {{Kind::None, &plain},
+                   {Kind::Bias, &biased},
+                   {Kind::BiasGelu, &gelu},
+                   {Kind::BiasResidual, &residual}};
+      for (const auto& c : cases) {
+        const HostMatrix got = gpu.run(c.kind, alpha, fp32, GemmPath::Wgmma);
+        const double tol = fp32 ? 2e-4 : 2e-3;
+        INFO("M=" << s.M << " N=" << s.N << " K=" << s.K << " kind=" << static_cast<int>(c.kind)
+                  << " fp32=" << fp32 << " plan " << qg::cuda::gemm_plan(s.M, s.N)
+                  << " (132 SMs: " << s.plan << ")");
+        REQUIRE(count_non_finite(got) == 0);
+        REQUIRE(qg::test::tolerance_ratio(got, *c.ref, tol, tol) <= 1.0);
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_f16_nn on wgmma 128x256 tiles: more tiles than SMs, tails, residual in place") {
+  if (!wgmma_available()) return;
+  // 9 m-tiles (the last of 76 rows) x 16 n-tiles = 144 CTAs of 128x256 on an H100; K = 136
+  // ends 8 into the third K slice. W is [K, N] (read MN-major).
+  const std::int64_t M = 1100, N = 4096, K = 136;
+  HostMatrix x = qg::test::random_matrix(M, K, 61);
+  HostMatrix w = qg::test::random_matrix(K, N, 62, 1.0f / std::sqrt(static_cast<float>(K)));
+  HostMatrix res = qg::test::random_matrix(M, N, 63);
+  round_to_half(x);
+  round_to_half(w);
+  round_to_half(res);
+  const float alpha = 1.5f;
+  HostMatrix expect{M, N, std::vector<float>(static_cast<std::size_t>(M * N))};
+  HostMatrix with_res = expect;
+  for (std::int64_t m = 0; m < M; ++m) {
+    std::vector<double> row(static_cast<std::size_t>(N), 0.0);
+    for (std::int64_t k = 0; k < K; ++k) {
+      const double xv = x.at(m, k);
+      for (std::int64_t n = 0; n < N; ++n) row[n] += xv * w.at(k, n);
+    }
+    for (std::int64_t n = 0; n < N; ++n) {
+      expect.at(m, n) = static_cast<float>(row[n]);
+      with_res.at(m, n) = static_cast<float>(row[n] + alpha * res.at(m, n));
+    }
+  }
+  auto gx = upload_half(x), gw = upload_half(w);
+  for (bool fp32 : {false, true}) {
+    DeviceBuffer y(static_cast<std::size_t>(M * N) * 4);
+    REQUIRE(cudaMemset(y.as<void>(), 0xff, y.bytes()) == cudaSuccess);
+    qg::cuda::gemm_f16_nn(gx->as<std::uint16_t>(), gw->as<std::uint16_t>(), y.as<void>(), fp32, M,
+                          N, K, {}, nullptr);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    const HostMatrix got = download(y, M, N, fp32);
+    INFO("fp32=" << fp32);
+    REQUIRE(count_non_finite(got) == 0);
+    CHECK(qg::test::tolerance_ratio(got, expect, 2e-3, 2e-3) <= 1.0);
+  }
+  // y = residual * alpha + X W with y and the residual the same buffer.
+  auto y = upload_half(res);
+  qg::cuda::GemmNnEpilogue e;
+  e.residual = y->as<std::uint16_t>();
+  e.alpha = alpha;
+  qg::cuda::gemm_f16_nn(gx->as<std::uint16_t>(), gw->as<std::uint16_t>(), y->as<void>(), false, M,
+                        N, K, e, nullptr);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  CHECK(qg::test::tolerance_ratio(download(*y, M, N, false), with_res, 2e-3, 2e-3) <= 1.0);
 }
 
 TEST_CASE("gemm_f16 residual epilogue may update y in place") {
