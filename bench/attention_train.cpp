@@ -1,9 +1,11 @@
 // Training attention benchmarks at ChatGLM-6B's shape (32 heads x 128): attention_train_forward
-// and attention_train_backward (preprocess + key-block kernel + dq conversion) over packed
+// and attention_train_backward (D = rowsum(dout * out) pass + key-block kernel) over packed
 // batches of equal sequences with the GLM prefix = half of each sequence, plus the in-place
-// rotary. TFLOP/s counts only the visible (unmasked) query-key pairs: forward 2 matmuls
-// (4 * head_dim flops per pair and head), backward 5 (S, dP, dV, dK, dQ: 10 * head_dim); the
-// kernels also compute the masked part of the tiles on the mask's edge, which is not counted.
+// rotary; a second table times the backward's tile configurations and dq reductions
+// (cuda/attention_train_paths.h). TFLOP/s counts only the visible (unmasked) query-key pairs:
+// forward 2 matmuls (4 * head_dim flops per pair and head), backward 5 (S, dP, dV, dK, dQ:
+// 10 * head_dim); the kernels also compute the masked part of the tiles on the mask's edge,
+// which is not counted.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "bench_report.h"
+#include "cuda/attention_train_paths.h"
 #include "qinggeng/cuda/attention_train.h"
 
 namespace qg::bench {
@@ -85,6 +88,36 @@ void bench_attention_train(benchmark::State& state, int seqs, int length) {
     rot_ms.push_back(time_ms(rotary, kReps, nullptr) / 2);
     state.SetIterationTime((fwd_ms.back() + bwd_ms.back()) * 1e-3);
   }
+  // The backward's variants, each pinned in turn (Auto + TileCounters is the row above).
+  struct Variant {
+    cuda::AttentionBackwardTiles tiles;
+    cuda::AttentionBackwardDq dq;
+    const char* tiles_name;
+    const char* dq_name;
+  };
+  const Variant variants[] = {
+      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::TileCounters, "auto",
+       "tile counters"},
+      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::SeparatePass, "auto",
+       "separate pass"},
+      {cuda::AttentionBackwardTiles::Narrow, cuda::AttentionBackwardDq::TileCounters,
+       "narrow (64 keys x 32 queries)", "tile counters"},
+      {cuda::AttentionBackwardTiles::Narrow, cuda::AttentionBackwardDq::SeparatePass,
+       "narrow (64 keys x 32 queries)", "separate pass"}};
+  for (const Variant& v : variants) {
+    cuda::force_attention_train_backward(v.tiles, v.dq);
+    time_ms(backward, 2, nullptr);
+    std::vector<double> ms;
+    for (int i = 0; i < 5; ++i) ms.push_back(time_ms(backward, kReps, nullptr));
+    const double m = median(ms);
+    table_row("Training attention backward variants (32 heads x 128, GLM prefix = half)",
+              {"batch, tiles, dq reduction", "backward ms", "backward TFLOP/s"},
+              {std::to_string(seqs) + " x " + std::to_string(length) + ", " + v.tiles_name + ", " +
+                   v.dq_name,
+               cell(m, 3), cell(10.0 * kHeadDim * kHeads * pairs / (m * 1e-3) / 1e12, 1)});
+  }
+  cuda::force_attention_train_backward(cuda::AttentionBackwardTiles::Auto,
+                                       cuda::AttentionBackwardDq::TileCounters);
   check_cuda(cudaGetLastError(), "benchmark launches");
   cudaFree(lse);
   cudaFree(workspace);

@@ -12,6 +12,7 @@
 
 #include "catch.hpp"
 #include "fp16_device.h"
+#include "cuda/attention_train_paths.h"
 #include "cuda/gemm_backward_paths.h"
 #include "qinggeng/cuda/attention_train.h"
 #include "qinggeng/cuda/gemm_backward.h"
@@ -176,7 +177,12 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
           "[cuda][train][attention]") {
   for (const AttentionCase& c :
        {AttentionCase{2, 64, {1, 17, 100}, {1, 0, 40}}, AttentionCase{1, 128, {64, 5}, {64, 2}},
-        AttentionCase{4, 32, {257, 33}, {100, 33}}, AttentionCase{2, 128, {512}, {256}}}) {
+        AttentionCase{4, 32, {257, 33}, {100, 33}}, AttentionCase{2, 128, {512}, {256}},
+        // Many packed sequences of odd lengths, prefixes from none to all: query tiles seen by
+        // one key block up to all of them.
+        AttentionCase{2, 128, {300, 129, 1, 700, 64, 191}, {150, 0, 1, 333, 64, 190}},
+        AttentionCase{3, 64, {450, 2, 3, 385}, {0, 2, 1, 200}},
+        AttentionCase{2, 32, {1000, 31}, {999, 7}}}) {
     const int heads = c.heads, hd = c.head_dim, H = heads * hd;
     std::vector<int> row_start = {0};
     for (int n : c.lengths) row_start.push_back(row_start.back() + n);
@@ -221,19 +227,37 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
                                   nullptr);
     CHECK(relative_l2(gout.host().data, out) < 5e-3);
     CHECK(relative_l2(download(glse), lse) < 1e-4);
-    // The backward reads the reference's out so only its own rounding is measured.
+    // The backward reads the reference's out so only its own rounding is measured. Every tile
+    // configuration and dq reduction runs, twice, on a workspace full of garbage.
     DeviceMatrix gref_out(test::round_to_fp16(HostMatrix{T, H, out}));
     const std::size_t ws = cuda::attention_train_backward_workspace_bytes(T, heads, hd);
     DeviceBuffer<char> work(ws);
-    cuda::attention_train_backward(gqkv.buf.get(), gref_out.buf.get(), glse.get(), gdout.buf.get(),
-                                   batch, heads, hd, gdqkv.buf.get(), work.get(), ws, nullptr);
-    const HostMatrix got = gdqkv.host();
-    std::vector<float> gq, gk, gv, rq, rk, rv;
+    QG_CUDA_CHECK(cudaMemset(work.get(), 0xff, ws));
     const HostMatrix ref{T, 3 * H, dqkv};
-    split_qkv(got, 0, T, heads, hd, gq, gk, gv);
+    std::vector<float> rq, rk, rv;
     split_qkv(ref, 0, T, heads, hd, rq, rk, rv);
-    CHECK(relative_l2(gq, rq) < 2e-2);
-    CHECK(relative_l2(gk, rk) < 2e-2);
-    CHECK(relative_l2(gv, rv) < 2e-2);
+    for (const auto tiles :
+         {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardTiles::Narrow}) {
+      for (const auto dq :
+           {cuda::AttentionBackwardDq::TileCounters, cuda::AttentionBackwardDq::SeparatePass}) {
+        INFO("narrow tiles " << (tiles == cuda::AttentionBackwardTiles::Narrow)
+                             << ", separate dq pass "
+                             << (dq == cuda::AttentionBackwardDq::SeparatePass));
+        cuda::force_attention_train_backward(tiles, dq);
+        for (int repeat = 0; repeat < 2; ++repeat) {
+          QG_CUDA_CHECK(cudaMemset(gdqkv.buf.get(), 0xff, static_cast<std::size_t>(T) * 3 * H * 2));
+          cuda::attention_train_backward(gqkv.buf.get(), gref_out.buf.get(), glse.get(),
+                                         gdout.buf.get(), batch, heads, hd, gdqkv.buf.get(),
+                                         work.get(), ws, nullptr);
+          std::vector<float> gq, gk, gv;
+          split_qkv(gdqkv.host(), 0, T, heads, hd, gq, gk, gv);
+          CHECK(relative_l2(gq, rq) < 2e-2);
+          CHECK(relative_l2(gk, rk) < 2e-2);
+          CHECK(relative_l2(gv, rv) < 2e-2);
+        }
+      }
+    }
+    cuda::force_attention_train_backward(cuda::AttentionBackwardTiles::Auto,
+                                         cuda::AttentionBackwardDq::TileCounters);
   }
 }
