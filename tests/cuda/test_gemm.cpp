@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend_ops.h"
@@ -121,6 +122,33 @@ struct HostProblem {
 
 bool wgmma_available() { return qg::cuda::gemm_plan(1024, 1024).rfind("wgmma", 0) == 0; }
 
+/// The CPU backend's result of every epilogue kind for one problem.
+struct EpilogueReferences {
+  HostMatrix plain, biased, gelu, residual;
+
+  EpilogueReferences(qg::model::Backend& cpu, const HostProblem& p, float alpha)
+      : plain(qg::test::run_linear(cpu, p.x, p.w, nullptr)), biased(plain) {
+    for (std::int64_t r = 0; r < biased.rows; ++r)
+      for (std::int64_t c = 0; c < biased.cols; ++c) biased.at(r, c) += p.bias.at(0, c);
+    gelu = qg::test::run_gelu(cpu, biased);
+    residual = qg::test::run_scaled_add(cpu, p.residual, alpha, biased);
+  }
+
+  /// Each epilogue kind with the result it must give.
+  std::vector<std::pair<Kind, const HostMatrix*>> cases() const {
+    return {{Kind::None, &plain}, {Kind::Bias, &biased}, {Kind::BiasGelu, &gelu},
+            {Kind::BiasResidual, &residual}};
+  }
+};
+
+/// A GPU result against its reference: finite, and within one fp16 rounding (2^-11 relative)
+/// on top of fp32 accumulation, or 2e-4 for fp32 output.
+void check_against(const HostMatrix& got, const HostMatrix& ref, bool fp32) {
+  const double tol = fp32 ? 2e-4 : 2e-3;
+  REQUIRE(count_non_finite(got) == 0);
+  REQUIRE(qg::test::tolerance_ratio(got, ref, tol, tol) <= 1.0);
+}
+
 }  // namespace
 
 TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and output type") {
@@ -133,12 +161,7 @@ TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and 
       for (std::int64_t K : {8, 64, 72, 1032}) {
         seed += 10;
         HostProblem p(M, N, K, seed);
-        const HostMatrix plain = qg::test::run_linear(*cpu, p.x, p.w, nullptr);
-        HostMatrix biased = plain;
-        for (std::int64_t r = 0; r < M; ++r)
-          for (std::int64_t c = 0; c < N; ++c) biased.at(r, c) += p.bias.at(0, c);
-        const HostMatrix gelu = qg::test::run_gelu(*cpu, biased);
-        const HostMatrix residual = qg::test::run_scaled_add(*cpu, p.residual, alpha, biased);
+        const EpilogueReferences refs(*cpu, p, alpha);
         GpuProblem gpu(p.x, p.w, p.bias, p.residual);
 
         std::vector<GemmPath> paths{GemmPath::Tiled};
@@ -146,21 +169,10 @@ TEST_CASE("gemm_f16 matches the CPU reference on odd shapes, every epilogue and 
         if (M <= qg::cuda::kGemmSkinnyMaxM) paths.push_back(GemmPath::Skinny);
         for (GemmPath path : paths) {
           for (bool fp32 : {false, true}) {
-            const struct {
-              Kind kind;
-              const HostMatrix* ref;
-            } cases[] = {{Kind::None, &plain},
-                         {Kind::Bias, &biased},
-                         {Kind::BiasGelu, &gelu},
-                         {Kind::BiasResidual, &residual}};
-            for (const auto& c : cases) {
-              const HostMatrix got = gpu.run(c.kind, alpha, fp32, path);
-              // fp16 output: one rounding (2^-11 relative) on top of fp32 accumulation.
-              const double tol = fp32 ? 2e-4 : 2e-3;
-              INFO("M=" << M << " N=" << N << " K=" << K << " kind=" << static_cast<int>(c.kind)
+            for (const auto& [kind, ref] : refs.cases()) {
+              INFO("M=" << M << " N=" << N << " K=" << K << " kind=" << static_cast<int>(kind)
                         << " fp32=" << fp32 << " path=" << static_cast<int>(path));
-              REQUIRE(count_non_finite(got) == 0);
-              REQUIRE(qg::test::tolerance_ratio(got, *c.ref, tol, tol) <= 1.0);
+              check_against(gpu.run(kind, alpha, fp32, path), *ref, fp32);
               ++checked;
             }
           }
@@ -204,29 +216,14 @@ TEST_CASE("gemm_f16 wgmma tiles: tails in M, N and K, odd N, every epilogue and 
                         Shape{300, 4104, 72, "wgmma 128x128"},
                         Shape{300, 1001, 1032, "wgmma 128x128"}}) {
     HostProblem p(s.M, s.N, s.K, 900 + static_cast<std::uint32_t>(s.N));
-    const HostMatrix plain = qg::test::run_linear(*cpu, p.x, p.w, nullptr);
-    HostMatrix biased = plain;
-    for (std::int64_t r = 0; r < s.M; ++r)
-      for (std::int64_t c = 0; c < s.N; ++c) biased.at(r, c) += p.bias.at(0, c);
-    const HostMatrix gelu = qg::test::run_gelu(*cpu, biased);
-    const HostMatrix residual = qg::test::run_scaled_add(*cpu, p.residual, alpha, biased);
+    const EpilogueReferences refs(*cpu, p, alpha);
     GpuProblem gpu(p.x, p.w, p.bias, p.residual);
     for (bool fp32 : {false, true}) {
-      const struct {
-        Kind kind;
-        const HostMatrix* ref;
-      } cases[] = {{Kind::None, &plain},
-                   {Kind::Bias, &biased},
-                   {Kind::BiasGelu, &gelu},
-                   {Kind::BiasResidual, &residual}};
-      for (const auto& c : cases) {
-        const HostMatrix got = gpu.run(c.kind, alpha, fp32, GemmPath::Wgmma);
-        const double tol = fp32 ? 2e-4 : 2e-3;
-        INFO("M=" << s.M << " N=" << s.N << " K=" << s.K << " kind=" << static_cast<int>(c.kind)
+      for (const auto& [kind, ref] : refs.cases()) {
+        INFO("M=" << s.M << " N=" << s.N << " K=" << s.K << " kind=" << static_cast<int>(kind)
                   << " fp32=" << fp32 << " plan " << qg::cuda::gemm_plan(s.M, s.N)
                   << " (132 SMs: " << s.plan << ")");
-        REQUIRE(count_non_finite(got) == 0);
-        REQUIRE(qg::test::tolerance_ratio(got, *c.ref, tol, tol) <= 1.0);
+        check_against(gpu.run(kind, alpha, fp32, GemmPath::Wgmma), *ref, fp32);
       }
     }
   }
