@@ -382,8 +382,9 @@ struct CudaModelGrad::Impl {
         row_position[static_cast<std::size_t>(r)] = r - row_start[e];
       }
     }
-    QG_CUDA_CHECK(cudaMemcpyAsync(d_row_seed, row_seed.data(), row_seed.size() * sizeof(std::uint64_t),
-                                  cudaMemcpyHostToDevice, stream));
+    QG_CUDA_CHECK(cudaMemcpyAsync(d_row_seed, row_seed.data(),
+                                  row_seed.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
+                                  stream));
     QG_CUDA_CHECK(cudaMemcpyAsync(d_row_position, row_position.data(),
                                   row_position.size() * sizeof(std::int32_t),
                                   cudaMemcpyHostToDevice, stream));
@@ -480,13 +481,15 @@ struct CudaModelGrad::Impl {
     cuda::layer_norm_forward_stats(xs[static_cast<std::size_t>(L())], half_ptr(final_w),
                                    half_ptr(final_b), static_cast<float>(config.layernorm_epsilon),
                                    T, H(), normed, mean_f, rstd_f, stream);
-    if (backward) QG_CUDA_CHECK(cudaMemsetAsync(dm, 0, static_cast<std::size_t>(T * H()) * 2, stream));
     const auto n = static_cast<Index>(labelled_example.size());
-    if (n == 0) return;
     cuda::CrossEntropyTrainOptions ce = ce_options();
     ce.normalizer = normalizer;
     ce.grad_scale = loss_scale;
     timed("cross-entropy", [&] {
+      if (backward) {
+        QG_CUDA_CHECK(cudaMemsetAsync(dm, 0, static_cast<std::size_t>(T * H()) * 2, stream));
+      }
+      if (n == 0) return;
       cuda::gather_rows(normed, T, H(), d_labelled_rows, n, da, stream);
       cuda::cross_entropy_train(da, half_ptr(lm_head), d_labelled_targets, n, H(),
                                 config.vocab_size, ce, row_nll, backward ? dattn : nullptr,

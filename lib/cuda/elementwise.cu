@@ -1,8 +1,9 @@
 // Small fp16 ops (see include/qinggeng/cuda/elementwise.h). Every kernel is a grid-stride loop
 // over "units": 8 halves (one 16-byte access) when the launcher found sizes and pointers
 // aligned, else single halves. The row gathers and the row scatter share one kernel for int32
-// and int64 indices; gelu, its out-of-place form and its backward share one kernel. The embedding backward is a
-// scatter-add: one fp32 atomic per element, since ids repeat arbitrarily.
+// and int64 indices; gelu, its out-of-place form and its backward share one kernel. The
+// embedding backward is a scatter-add: one fp32 atomic per element, since ids repeat
+// arbitrarily.
 #include <cstdint>
 
 #include "cuda/check.h"

@@ -16,14 +16,14 @@
 //
 // Each thread owns kCols = 32 / kR consecutive columns (4 at rank <= 8: one 8-byte access a
 // token; one column from rank 17 on) and keeps their factor values (and, for outer, their
-// [kCols, kR] sums) in registers, few enough for four blocks an SM; a block of 128 threads
-// covers 128 kCols columns and a range of tokens, kSub tokens in flight.
-// The token loop has no block barrier: a shrink is reduced within the warp and written as one
-// partial per (column block, warp); the finished s that outer and expand need is read per token
-// straight from global memory (the same 4 kR bytes for the whole block, an L1 hit). Sums over
+// [kCols, kR] sums) in registers: about 128 registers at rank <= 8, four blocks an SM (two to
+// three at higher ranks); a block of 128 threads covers 128 kCols columns and a range of
+// tokens, kSub tokens in flight. A shrink is reduced within the warp and written as one
+// partial per (column block, warp), with no block barrier; outer and expand read the finished
+// s from shared memory, where the block stages it once per 64 tokens (two barriers). Sums over
 // tokens (outer) are written as one partial per token block. Partials are added in a fixed
 // order by sum_parts_kernel, so results are deterministic; the grid shape depends on the sizes
-// only (not on the GPU), so the same call gives the same bits on every GPU.
+// only (not on the GPU), so every GPU adds the same partials in the same order.
 //
 // The dropout mask is reference_backward.h's dropout_keep: element (t, j) of x is kept iff
 // (splitmix64(seed ^ splitmix64(t * in + j)) >> 40) / 2^24 >= p, i.e. iff the 24 hash bits are
@@ -49,8 +49,9 @@ constexpr int kSumLanes = 8;  // lanes of sum_parts_kernel per output
 constexpr int columns_per_thread(int kR) { return kR >= 32 ? 1 : 32 / kR; }
 constexpr int kTokenGroup = 8;  // tokens per block are a multiple of this (and of kSub)
 constexpr int kStage = 64;      // tokens whose s a block stages in shared memory at a time
-// Blocks a pass aims for (four per SM of an H100): every token block loads its columns' factor
-// values and (outer) writes a partial of the factor gradient, so more blocks cost more.
+// Blocks a pass aims for (four per SM of an H100 at rank <= 8): every token block loads its
+// columns' factor values and (outer) writes a partial of the factor gradient, so more blocks
+// cost more.
 constexpr int kTargetBlocks = 528;
 constexpr int kSumThreads = 256;
 
@@ -468,31 +469,39 @@ std::int64_t token_blocks_bound(std::int64_t tokens, std::int64_t width, std::in
       groups, std::max<std::int64_t>(1, kTargetBlocks / pass_grid(tokens, width, rank).col_blocks));
 }
 
-/// The workspace: shrink partials, then v (backward), then outer partials.
-struct Workspace {
-  float* shrink_part = nullptr;
-  float* v = nullptr;
-  float* outer_part = nullptr;
-  std::size_t bytes = 0;
+/// Byte offsets of the workspace's parts: shrink partials, then v (backward), then outer
+/// partials.
+struct WorkspaceLayout {
+  std::size_t shrink_part = 0, v = 0, outer_part = 0, bytes = 0;
 
-  Workspace(const LoraTrainShape& s, void* base) {
-    auto* at = static_cast<char*>(base);
+  explicit WorkspaceLayout(const LoraTrainShape& s) {
     const std::int64_t parts = std::max(pass_grid(s.tokens, s.in, s.rank).shrink_parts(),
                                         pass_grid(s.tokens, s.out, s.rank).shrink_parts());
-    shrink_part = reinterpret_cast<float*>(at + bytes);
-    bytes += floats_bytes(parts * s.tokens * s.rank);
-    v = reinterpret_cast<float*>(at + bytes);
-    bytes += floats_bytes(s.tokens * s.rank);
-    outer_part = reinterpret_cast<float*>(at + bytes);
-    bytes += std::max(floats_bytes(token_blocks_bound(s.tokens, s.out, s.rank) * s.out * s.rank),
-                      floats_bytes(token_blocks_bound(s.tokens, s.in, s.rank) * s.in * s.rank));
+    v = shrink_part + floats_bytes(parts * s.tokens * s.rank);
+    outer_part = v + floats_bytes(s.tokens * s.rank);
+    bytes = outer_part +
+            std::max(floats_bytes(token_blocks_bound(s.tokens, s.out, s.rank) * s.out * s.rank),
+                     floats_bytes(token_blocks_bound(s.tokens, s.in, s.rank) * s.in * s.rank));
+  }
+};
+
+/// The workspace's parts at `base`.
+struct Workspace {
+  float *shrink_part, *v, *outer_part;
+
+  Workspace(const LoraTrainShape& s, void* base) {
+    const WorkspaceLayout layout(s);
+    auto* at = static_cast<char*>(base);
+    shrink_part = reinterpret_cast<float*>(at + layout.shrink_part);
+    v = reinterpret_cast<float*>(at + layout.v);
+    outer_part = reinterpret_cast<float*>(at + layout.outer_part);
   }
 };
 
 }  // namespace
 
 std::size_t lora_train_workspace_bytes(const LoraTrainShape& s) {
-  return Workspace(s, nullptr).bytes;
+  return WorkspaceLayout(s).bytes;
 }
 
 void lora_train_forward(const __half* x, const float* a, const float* b,

@@ -172,7 +172,8 @@ TEST_CASE("GPU LoRA training over packed examples draws each example's own mask"
   std::vector<std::uint64_t> row_seed;
   std::vector<std::int32_t> row_position;
   std::vector<float> y = c.y0.data, u(static_cast<std::size_t>(T * R)), dx = c.dx0.data;
-  std::vector<float> da(static_cast<std::size_t>(R * I), 0.0f), db(static_cast<std::size_t>(O * R), 0.0f);
+  std::vector<float> da(static_cast<std::size_t>(R * I), 0.0f);
+  std::vector<float> db(static_cast<std::size_t>(O * R), 0.0f);
   std::vector<std::uint64_t> example_seed;
   std::int64_t t0 = 0;
   for (std::size_t e = 0; e < lengths.size(); ++e) {
@@ -214,7 +215,8 @@ TEST_CASE("GPU LoRA training over packed examples draws each example's own mask"
   std::int64_t mismatches = 0;
   for (std::int64_t t = 0; t < T; ++t) {
     for (std::int64_t i = 0; i < I; ++i) {
-      const auto index = static_cast<std::uint64_t>(row_position[static_cast<std::size_t>(t)] * I + i);
+      const std::int64_t row = row_position[static_cast<std::size_t>(t)];
+      const auto index = static_cast<std::uint64_t>(row * I + i);
       const bool keep = qg::train::dropout_keep(example_seed[static_cast<std::size_t>(t)], index,
                                                 c.shape.dropout);
       if (!keep && masked.at(t, i) != 0.0f) ++mismatches;

@@ -46,6 +46,20 @@ DeviceBuffer<int> device_ints(const std::vector<int>& v) {
   return b;
 }
 
+/// Pins the attention backward's configuration while it lives (Auto again afterwards, also
+/// when a check throws).
+struct PinnedAttentionBackward {
+  PinnedAttentionBackward(cuda::AttentionBackwardTiles tiles, cuda::AttentionBackwardDq dq) {
+    cuda::force_attention_train_backward(tiles, dq);
+  }
+  ~PinnedAttentionBackward() {
+    cuda::force_attention_train_backward(cuda::AttentionBackwardTiles::Auto,
+                                         cuda::AttentionBackwardDq::TileCounters);
+  }
+  PinnedAttentionBackward(const PinnedAttentionBackward&) = delete;
+  PinnedAttentionBackward& operator=(const PinnedAttentionBackward&) = delete;
+};
+
 }  // namespace
 
 TEST_CASE("GPU backward GEMMs: dX = dY W and dW = dY^T X", "[cuda][train][gemm]") {
@@ -169,8 +183,9 @@ TEST_CASE("GPU rotary on fused qkv rows matches the reference and inverts", "[cu
   CHECK(relative_l2(rv, v) == 0.0);
   cuda::glm_rotary_qkv(g.buf.get(), T, heads, hd, gp.get(), gb.get(), true, nullptr);
   CHECK(relative_l2(g.host().data, qkv.data) < 2e-3);
-  CHECK_THROWS_WITH(cuda::glm_rotary_qkv(g.buf.get(), T, heads, 6, gp.get(), gb.get(), false, nullptr),
-                    QG_CONTAINS("head_dim"));
+  CHECK_THROWS_WITH(
+      cuda::glm_rotary_qkv(g.buf.get(), T, heads, 6, gp.get(), gb.get(), false, nullptr),
+      QG_CONTAINS("head_dim"));
 }
 
 TEST_CASE("GPU training attention forward (lse) and backward match the reference",
@@ -243,7 +258,7 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
         INFO("narrow tiles " << (tiles == cuda::AttentionBackwardTiles::Narrow)
                              << ", separate dq pass "
                              << (dq == cuda::AttentionBackwardDq::SeparatePass));
-        cuda::force_attention_train_backward(tiles, dq);
+        const PinnedAttentionBackward pinned(tiles, dq);
         for (int repeat = 0; repeat < 2; ++repeat) {
           QG_CUDA_CHECK(cudaMemset(gdqkv.buf.get(), 0xff, static_cast<std::size_t>(T) * 3 * H * 2));
           cuda::attention_train_backward(gqkv.buf.get(), gref_out.buf.get(), glse.get(),
@@ -257,7 +272,5 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
         }
       }
     }
-    cuda::force_attention_train_backward(cuda::AttentionBackwardTiles::Auto,
-                                         cuda::AttentionBackwardDq::TileCounters);
   }
 }

@@ -48,8 +48,9 @@ void glm_rotary_qkv(__half* qkv, std::int64_t tokens, int heads, int head_dim,
 void attention_train_forward(const __half* qkv, const TrainAttentionBatch& batch, int heads,
                              int head_dim, __half* out, float* lse, cudaStream_t stream);
 
-/// \brief Bytes of scratch attention_train_backward needs (fp32 dq accumulators and the
-/// per-row D = dout . out).
+/// \brief Bytes of scratch attention_train_backward needs: fp32 dq accumulators, the per-row
+/// D = dout . out, and the dq reduction's counters (16 bytes per (row, head); only each query
+/// tile's first row is used, which keeps the indexing simple).
 std::size_t attention_train_backward_workspace_bytes(int total_tokens, int heads, int head_dim);
 
 /// \brief Backward of attention_train_forward: writes dq, dk, dv of every row into `dqkv`
