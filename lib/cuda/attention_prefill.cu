@@ -164,8 +164,7 @@ __device__ void prefill_tile(const Rows& src, int m0, float scale_log2, float* l
         std::uint32_t kb[4];
         const int key = np * 16 + (lane % 8) + (lane / 16) * 8;
         attn::ldmatrix_x4(kb, sK + attn::tile_offset<D>(key, kk * 2 + (lane / 8) % 2));
-        attn::mma_16816(s[2 * np], qf[kk], kb[0], kb[1]);
-        attn::mma_16816(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+        attn::mma_16816_pair(s, np, qf[kk], kb);
       }
     }
     __syncthreads();  // every warp is done with sK: start loading the next K tile
@@ -227,8 +226,7 @@ __device__ void prefill_tile(const Rows& src, int m0, float scale_log2, float* l
         std::uint32_t vb[4];
         const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
         attn::ldmatrix_x4_trans(vb, sV + attn::tile_offset<D>(key, dp * 2 + lane / 16));
-        attn::mma_16816(o[2 * dp], pa, vb[0], vb[1]);
-        attn::mma_16816(o[2 * dp + 1], pa, vb[2], vb[3]);
+        attn::mma_16816_pair(o, dp, pa, vb);
       }
     }
     __syncthreads();  // every warp is done with sV: start loading the next V tile

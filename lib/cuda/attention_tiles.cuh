@@ -21,6 +21,16 @@ using tiles::ldmatrix_x4;
 using tiles::ldmatrix_x4_trans;
 using tiles::mma_16816;
 
+/// acc[2 p] and acc[2 p + 1], two adjacent n8 blocks, += a times the 16-column B tile one x4
+/// fragment load gave (b[0], b[1]: columns 0-7; b[2], b[3]: columns 8-15).
+template <int kBlocks>
+__device__ __forceinline__ void mma_16816_pair(float (&acc)[kBlocks][4], int p,
+                                               const std::uint32_t (&a)[4],
+                                               const std::uint32_t (&b)[4]) {
+  mma_16816(acc[2 * p], a, b[0], b[1]);
+  mma_16816(acc[2 * p + 1], a, b[2], b[3]);
+}
+
 // ---- shared-memory tiles ----
 
 /// Physical 16-byte chunk of logical chunk `chunk` in row `row` of a tile with kChunks chunks

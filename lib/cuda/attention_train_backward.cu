@@ -223,8 +223,7 @@ __device__ __forceinline__ void keys_times_queries(float (&acc)[kQueries / 8][4]
     for (int np = 0; np < kQueries / 16; ++np) {
       std::uint32_t b[4];
       load_b_rows<D>(b, query_tile, np * 16, kk, lane);
-      attn::mma_16816(acc[2 * np], a, b[0], b[1]);
-      attn::mma_16816(acc[2 * np + 1], a, b[2], b[3]);
+      attn::mma_16816_pair(acc, np, a, b);
     }
   }
 }
@@ -243,8 +242,7 @@ __device__ __forceinline__ void accumulate_keys(float (&acc)[D / 8][4],
     for (int dp = 0; dp < D / 16; ++dp) {
       std::uint32_t b[4];
       load_b_kmajor<D>(b, query_tile, dp * 16, kk, lane);
-      attn::mma_16816(acc[2 * dp], a, b[0], b[1]);
-      attn::mma_16816(acc[2 * dp + 1], a, b[2], b[3]);
+      attn::mma_16816_pair(acc, dp, a, b);
     }
   }
 }

@@ -35,10 +35,9 @@ __global__ void __launch_bounds__(S::Threads)
                       std::int64_t K) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __half* smem = reinterpret_cast<__half*>(smem_raw);
-  const std::int64_t m0 = static_cast<std::int64_t>(blockIdx.x) * S::BM;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * S::BN;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int wm = warp / S::WarpsN, wn = warp % S::WarpsN;
+  const tiles::CtaPlace at = tiles::cta_place<S>();
+  const std::int64_t m0 = at.m0, n0 = at.n0;
+  const int lane = at.lane, wm = at.wm, wn = at.wn;
   const int k_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
 
   auto load_stage = [&](int slot, int kt) {
@@ -61,9 +60,7 @@ __global__ void __launch_bounds__(S::Threads)
       std::uint32_t bf[S::NFrags][2];
 #pragma unroll
       for (int i = 0; i < S::MFrags; ++i) {
-        const int row = wm * S::WarpTileM + i * 16 + (lane % 16);
-        const int chunk = kk * 2 + lane / 16;
-        tiles::ldmatrix_x4(af[i], a + row * S::BK + tiles::swizzle_chunk<S::BK>(row, chunk) * 8);
+        tiles::load_a_fragment<S::BK>(af[i], a, wm * S::WarpTileM + i * 16, kk, lane);
       }
 #pragma unroll
       for (int j = 0; j < S::NFrags / 2; ++j) {

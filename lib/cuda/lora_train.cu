@@ -412,32 +412,33 @@ Dropout dropout_of(const LoraTrainShape& shape) {
   return d;
 }
 
+/// A pass over `width` columns against the factor W(j, r) = w[r * w_r + j * w_j]; w_vec4
+/// when its contiguous runs (of length w_r == 1 ? rank : width) hold whole aligned float4s.
+PassArgs pass_over(const LoraTrainShape& shape, std::int64_t width, const float* w,
+                   std::int64_t w_r, std::int64_t w_j) {
+  PassArgs p;
+  p.tokens = shape.tokens;
+  p.width = width;
+  p.w = w;
+  p.w_r = w_r;
+  p.w_j = w_j;
+  const std::int64_t run = w_r == 1 ? shape.rank : width;  // width % 8 == 0 (check_shape)
+  p.w_vec4 = reinterpret_cast<std::uintptr_t>(w) % 16 == 0 && run % 4 == 0;
+  p.rank = static_cast<int>(shape.rank);
+  return p;
+}
+
 /// A pass over the adapted linear's input side: x (or dx) [tokens, in] against A [rank, in],
 /// under the dropout mask.
 PassArgs input_side(const LoraTrainShape& shape, const float* a) {
-  PassArgs p;
-  p.tokens = shape.tokens;
-  p.width = shape.in;
-  p.w = a;
-  p.w_r = shape.in;
-  p.w_j = 1;
-  p.w_vec4 = reinterpret_cast<std::uintptr_t>(a) % 16 == 0;  // in % 8 == 0
-  p.rank = static_cast<int>(shape.rank);
+  PassArgs p = pass_over(shape, shape.in, a, shape.in, 1);
   p.drop = dropout_of(shape);
   return p;
 }
 
 /// A pass over the output side: y (or dy) [tokens, out] against B [out, rank], no dropout.
 PassArgs output_side(const LoraTrainShape& shape, const float* b) {
-  PassArgs p;
-  p.tokens = shape.tokens;
-  p.width = shape.out;
-  p.w = b;
-  p.w_r = 1;
-  p.w_j = shape.rank;
-  p.w_vec4 = reinterpret_cast<std::uintptr_t>(b) % 16 == 0 && shape.rank % 4 == 0;
-  p.rank = static_cast<int>(shape.rank);
-  return p;
+  return pass_over(shape, shape.out, b, 1, shape.rank);
 }
 
 void check_shape(const LoraTrainShape& s, const char* op) {

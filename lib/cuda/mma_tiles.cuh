@@ -96,6 +96,16 @@ __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* s
                : "r"(addr));
 }
 
+/// The A fragment (16 rows from row0, k 16 kk .. + 15) of a swizzled K-major tile whose rows
+/// are BK halves wide (copy_tile's layout).
+template <int BK>
+__device__ __forceinline__ void load_a_fragment(std::uint32_t (&a)[4], const __half* tile, int row0,
+                                                int kk, int lane) {
+  const int row = row0 + (lane % 16);
+  const int chunk = kk * 2 + lane / 16;
+  ldmatrix_x4(a, tile + row * BK + swizzle_chunk<BK>(row, chunk) * 8);
+}
+
 /// c[16x8] += a[16x16] · b[16x8] (fp16 in, fp32 accumulate), register fragments as in the PTX
 /// ISA: a = {rows 0-7 k 0-7, rows 8-15 k 0-7, rows 0-7 k 8-15, rows 8-15 k 8-15}.
 __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a)[4],
@@ -145,6 +155,22 @@ __device__ __forceinline__ void set_b_pair(std::uint32_t (&b)[NFrags][2], int pa
   b[2 * pair][1] = r[1];
   b[2 * pair + 1][0] = r[2];
   b[2 * pair + 1][1] = r[3];
+}
+
+/// Where this thread works in a block-tiled mma.sync kernel of tile shape S (BM x BN, warps in
+/// a WarpsM x WarpsN grid): the CTA tile's first row and column (grid x: M tiles, y: N tiles),
+/// the lane, and the warp's row and column in the grid.
+struct CtaPlace {
+  std::int64_t m0, n0;
+  int lane, wm, wn;
+};
+
+template <class S>
+__device__ __forceinline__ CtaPlace cta_place() {
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  return {static_cast<std::int64_t>(blockIdx.x) * S::BM,
+          static_cast<std::int64_t>(blockIdx.y) * S::BN, static_cast<int>(threadIdx.x) % 32,
+          warp / S::WarpsN, warp % S::WarpsN};
 }
 
 /// Calls store(row, col, v0, v1) for every accumulator pair of a warp tile whose first row and

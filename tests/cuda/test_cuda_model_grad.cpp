@@ -6,6 +6,7 @@
 // memorisation task's loss down.
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
@@ -78,14 +79,20 @@ lora::LoraAdapter dropout_adapter(const io::ModelConfig& c) {
   return out;
 }
 
+/// The gradient tests' tiny model on disk, its weights and an adapter with dropout.
+struct GradModel {
+  io::ModelConfig c = grad_config();
+  std::filesystem::path dir = test::tiny_model_dir("cuda-grad", 5, c);
+  io::WeightStore store = io::WeightStore::open(dir);
+  lora::LoraAdapter adapter = dropout_adapter(c);
+};
+
 }  // namespace
 
 TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch",
           "[cuda][train]") {
-  const io::ModelConfig c = grad_config();
-  const auto dir = test::tiny_model_dir("cuda-grad", 5, c);
-  const io::WeightStore store = io::WeightStore::open(dir);
-  const lora::LoraAdapter adapter = dropout_adapter(c);
+  const GradModel model;
+  const auto& [c, dir, store, adapter] = model;
   const train::ModelGrad cpu = train::ModelGrad::lora(c, store, adapter);
 
   const std::vector<TrainingExample> examples = {example(c, 7, 9, 1), example(c, 1, 3, 2),
@@ -133,10 +140,8 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
 
 TEST_CASE("GPU LoRA gradients: checkpointing and the loss scale change nothing, eval NLL",
           "[cuda][train]") {
-  const io::ModelConfig c = grad_config();
-  const auto dir = test::tiny_model_dir("cuda-grad", 5, c);
-  const io::WeightStore store = io::WeightStore::open(dir);
-  const lora::LoraAdapter adapter = dropout_adapter(c);
+  const GradModel model;
+  const auto& [c, dir, store, adapter] = model;
   const std::vector<TrainingExample> examples = {example(c, 20, 30, 4), example(c, 5, 60, 5)};
   const std::vector<const TrainingExample*> batch = {&examples[0], &examples[1]};
 
