@@ -157,12 +157,11 @@ struct CudaModelGrad::Impl {
   __half *g = nullptr, *normed = nullptr, *dout = nullptr, *dm = nullptr, *dg = nullptr,
          *dh = nullptr, *dattn = nullptr, *dqkv = nullptr, *da = nullptr;
   float *mean_f = nullptr, *rstd_f = nullptr, *row_nll = nullptr;
-  int* meta = nullptr;  // positions, block positions, targets, row_start, context
+  // positions, block positions, ids, row positions [T each], row_start [B + 1], context
+  // lengths [B], labelled rows' targets [<= T]
+  int* meta = nullptr;
   std::uint64_t* d_row_seed = nullptr;  // [T] LoRA dropout: seeds[e] * 0x9E3779B97F4A7C15
-  std::int32_t* d_row_position = nullptr;  // [T] LoRA dropout: the row within its example
-  // The labelled rows (the only ones the cross-entropy computes) and their targets.
-  std::int64_t* d_labelled_rows = nullptr;  // [T]
-  int* d_labelled_targets = nullptr;        // [T]
+  std::int64_t* d_labelled_rows = nullptr;  // [<= T] the rows the cross-entropy computes
   void* lora_ws = nullptr;
   void* attn_ws = nullptr;
   void* ce_ws = nullptr;
@@ -172,7 +171,9 @@ struct CudaModelGrad::Impl {
   std::vector<int> row_start;  // [B + 1]
   std::vector<int> labelled_example;  // the example of each labelled row, in row order
   cuda::TrainAttentionBatch attention;
-  int *d_positions = nullptr, *d_block_positions = nullptr, *d_targets = nullptr, *d_ids = nullptr;
+  int *d_positions = nullptr, *d_block_positions = nullptr, *d_ids = nullptr;
+  std::int32_t* d_row_position = nullptr;  // LoRA dropout: the row within its example
+  int* d_labelled_targets = nullptr;
   bool dropout = true;
 
   Index H() const { return config.hidden_size; }
@@ -236,11 +237,9 @@ struct CudaModelGrad::Impl {
     mean_f = c.take<float>(T);
     rstd_f = c.take<float>(T);
     row_nll = c.take<float>(T);
-    meta = c.take<int>(4 * T + 2 * (T + 1));
+    meta = c.take<int>(5 * T + 2 * (T + 1));  // B <= T
     d_row_seed = c.take<std::uint64_t>(T);
-    d_row_position = c.take<std::int32_t>(T);
     d_labelled_rows = c.take<std::int64_t>(T);
-    d_labelled_targets = c.take<int>(T);
     lora_ws_bytes = 0;
     for (LoraTarget t : lora::kLoraTargets) {
       const auto [in, out] = lora::target_features(t, config);
@@ -340,71 +339,60 @@ struct CudaModelGrad::Impl {
     QG_CHECK(dropout_seeds.size() == batch.size(), "CudaModelGrad: ", dropout_seeds.size(),
              " dropout seeds for ", batch.size(), " examples");
     row_start.assign(1, 0);
-    std::vector<int> positions, block_positions, targets, ids, context;
+    // Per row: positions, block positions, ids, the row within its example (LoRA dropout) and
+    // its example's dropout seed; per labelled row: the row, its target and its example.
+    std::vector<int> positions, block_positions, ids, row_position, context, labelled_targets;
+    std::vector<std::uint64_t> row_seed;
+    std::vector<std::int64_t> labelled_rows;
+    labelled_example.clear();
     int longest = 0;
-    for (const TrainingExample* e : batch) {
-      check_training_example(*e, config);
-      const int n = e->size();
-      const text::GlmLayout layout{e->context_length, e->mask_position};
+    for (std::size_t k = 0; k < batch.size(); ++k) {
+      const TrainingExample& e = *batch[k];
+      check_training_example(e, config);
+      const int n = e.size();
+      const text::GlmLayout layout{e.context_length, e.mask_position};
+      const std::vector<int> next = e.next_token_targets();
       for (int t = 0; t < n; ++t) {
         positions.push_back(layout.position(t));
         block_positions.push_back(layout.block_position(t));
+        row_position.push_back(t);
+        row_seed.push_back(dropout_seeds[k] * 0x9E3779B97F4A7C15ull);  // ModelGrad's stream
+        if (next[static_cast<std::size_t>(t)] == train::kIgnoreLabel) continue;
+        labelled_rows.push_back(row_start.back() + t);
+        labelled_targets.push_back(next[static_cast<std::size_t>(t)]);
+        labelled_example.push_back(static_cast<int>(k));
       }
-      const std::vector<int> next = e->next_token_targets();
-      targets.insert(targets.end(), next.begin(), next.end());
-      ids.insert(ids.end(), e->input_ids.begin(), e->input_ids.end());
-      context.push_back(e->context_length);
+      ids.insert(ids.end(), e.input_ids.begin(), e.input_ids.end());
+      context.push_back(e.context_length);
       row_start.push_back(row_start.back() + n);
       longest = std::max(longest, n);
     }
     const Index T = row_start.back();
     reserve_tokens(T);
-    std::vector<int> packed;
-    for (const auto* part : {&positions, &block_positions, &targets, &ids, &row_start, &context}) {
+    std::vector<int> packed;  // meta's layout (carve)
+    for (const auto* part : {&positions, &block_positions, &ids, &row_position, &row_start,
+                             &context, &labelled_targets}) {
       packed.insert(packed.end(), part->begin(), part->end());
     }
     QG_CUDA_CHECK(cudaMemcpyAsync(meta, packed.data(), packed.size() * sizeof(int),
                                   cudaMemcpyHostToDevice, stream));
-    d_positions = meta;
-    d_block_positions = meta + T;
-    d_targets = meta + 2 * T;
-    d_ids = meta + 3 * T;
-    attention.num_seqs = static_cast<int>(batch.size());
-    attention.total_tokens = static_cast<int>(T);
-    attention.max_seq_len = longest;
-    attention.row_start = meta + 4 * T;
-    attention.context_length = meta + 4 * T + static_cast<Index>(row_start.size());
-    std::vector<std::uint64_t> row_seed(static_cast<std::size_t>(T));
-    std::vector<std::int32_t> row_position(static_cast<std::size_t>(T));
-    for (std::size_t e = 0; e < batch.size(); ++e) {
-      for (int r = row_start[e]; r < row_start[e + 1]; ++r) {
-        row_seed[static_cast<std::size_t>(r)] = dropout_seeds[e] * 0x9E3779B97F4A7C15ull;
-        row_position[static_cast<std::size_t>(r)] = r - row_start[e];
-      }
-    }
     QG_CUDA_CHECK(cudaMemcpyAsync(d_row_seed, row_seed.data(),
                                   row_seed.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
                                   stream));
-    QG_CUDA_CHECK(cudaMemcpyAsync(d_row_position, row_position.data(),
-                                  row_position.size() * sizeof(std::int32_t),
-                                  cudaMemcpyHostToDevice, stream));
-    std::vector<std::int64_t> labelled_rows;
-    std::vector<int> labelled_targets;
-    labelled_example.clear();
-    for (std::size_t e = 0; e < batch.size(); ++e) {
-      for (int r = row_start[e]; r < row_start[e + 1]; ++r) {
-        if (targets[static_cast<std::size_t>(r)] == train::kIgnoreLabel) continue;
-        labelled_rows.push_back(r);
-        labelled_targets.push_back(targets[static_cast<std::size_t>(r)]);
-        labelled_example.push_back(static_cast<int>(e));
-      }
-    }
     QG_CUDA_CHECK(cudaMemcpyAsync(d_labelled_rows, labelled_rows.data(),
                                   labelled_rows.size() * sizeof(std::int64_t),
                                   cudaMemcpyHostToDevice, stream));
-    QG_CUDA_CHECK(cudaMemcpyAsync(d_labelled_targets, labelled_targets.data(),
-                                  labelled_targets.size() * sizeof(int), cudaMemcpyHostToDevice,
-                                  stream));
+    const auto B = static_cast<Index>(batch.size());
+    d_positions = meta;
+    d_block_positions = meta + T;
+    d_ids = meta + 2 * T;
+    d_row_position = meta + 3 * T;
+    attention.num_seqs = static_cast<int>(B);
+    attention.total_tokens = static_cast<int>(T);
+    attention.max_seq_len = longest;
+    attention.row_start = meta + 4 * T;
+    attention.context_length = meta + 4 * T + B + 1;
+    d_labelled_targets = meta + 4 * T + 2 * B + 1;
     // The host vectors are pageable: each copy has completed when cudaMemcpyAsync returns.
     return T;
   }
