@@ -85,7 +85,9 @@ void bench_layer_norm_backward(benchmark::State& state, bool param_grads) {
              cell(gbps, 0), cell(100.0 * gbps / peaks().copy_gbps, 0)});
 }
 
-void bench_lora_train(benchmark::State& state, float dropout) {
+/// `packed`: the tokens are 4 examples of 512 rows with their own dropout streams, as in the
+/// training step (row_seed / row_position); otherwise one stream over all rows.
+void bench_lora_train(benchmark::State& state, float dropout, bool packed) {
   cuda::LoraTrainShape shape;
   shape.tokens = kTokens;
   shape.in = kHidden;
@@ -98,6 +100,25 @@ void bench_lora_train(benchmark::State& state, float dropout) {
   RandomHalfBuffer x(T * I, 1.0f), y(T * O, 1.0f), dy(T * O, 1.0f), dx(T * I, 1.0f),
       w(O * I, 0.03f);
   DeviceArray<float> a(R * I), b(O * R), u(T * R), da(R * I), db(O * R);
+  DeviceArray<std::uint64_t> row_seed(T);
+  DeviceArray<std::int32_t> row_position(T);
+  if (packed) {
+    constexpr std::int64_t kExample = 512;
+    std::vector<std::uint64_t> seeds(static_cast<std::size_t>(T));
+    std::vector<std::int32_t> positions(static_cast<std::size_t>(T));
+    for (std::int64_t t = 0; t < T; ++t) {
+      seeds[t] = static_cast<std::uint64_t>(t / kExample + 1) * 0x9E3779B97F4A7C15ull;
+      positions[t] = static_cast<std::int32_t>(t % kExample);
+    }
+    check_cuda(
+        cudaMemcpy(row_seed.get(), seeds.data(), T * sizeof(std::uint64_t), cudaMemcpyHostToDevice),
+        "cudaMemcpy");
+    check_cuda(cudaMemcpy(row_position.get(), positions.data(), T * sizeof(std::int32_t),
+                          cudaMemcpyHostToDevice),
+               "cudaMemcpy");
+    shape.row_seed = row_seed.get();
+    shape.row_position = row_position.get();
+  }
   const std::size_t bytes = cuda::lora_train_workspace_bytes(shape);
   DeviceArray<char> workspace(bytes);
   auto forward = [&](int) {
@@ -122,12 +143,13 @@ void bench_lora_train(benchmark::State& state, float dropout) {
   state.counters["fwd_us"] = t_fwd * 1e3;
   state.counters["bwd_us"] = t_bwd * 1e3;
   state.counters["GBps"] = gbps;
-  table_row("LoRA training (qkv: tokens 2048, in 4096, out 12288, r 8) vs the base forward gemm_f16",
-            {"dropout", "forward us", "backward us", "fwd+bwd us", "base gemm us",
-             "fwd+bwd / base %", "GB/s (min bytes)", "% of copy BW"},
-            {cell(dropout, 1), cell(t_fwd * 1e3, 1), cell(t_bwd * 1e3, 1), cell(t * 1e3, 1),
-             cell(t_base * 1e3, 1), cell(100.0 * t / t_base, 1), cell(gbps, 0),
-             cell(100.0 * gbps / peaks().copy_gbps, 0)});
+  table_row(
+      "LoRA training (qkv: tokens 2048, in 4096, out 12288, r 8) vs the base forward gemm_f16",
+      {"dropout", "rows", "forward us", "backward us", "fwd+bwd us", "base gemm us",
+       "fwd+bwd / base %", "GB/s (min bytes)", "% of copy BW"},
+      {cell(dropout, 1), packed ? "4 x 512" : "one stream", cell(t_fwd * 1e3, 1),
+       cell(t_bwd * 1e3, 1), cell(t * 1e3, 1), cell(t_base * 1e3, 1), cell(100.0 * t / t_base, 1),
+       cell(gbps, 0), cell(100.0 * gbps / peaks().copy_gbps, 0)});
 }
 
 void bench_cross_entropy(benchmark::State& state, bool backward) {
@@ -167,8 +189,11 @@ const bool registered = [] {
   register_kernel_benchmark("train/layer_norm_backward/dx", kBatches, bench_layer_norm_backward, false);
   register_kernel_benchmark("train/layer_norm_backward/dx_dgamma_dbeta", kBatches,
                             bench_layer_norm_backward, true);
-  register_kernel_benchmark("train/lora_qkv_r8/dropout=0", kBatches, bench_lora_train, 0.0f);
-  register_kernel_benchmark("train/lora_qkv_r8/dropout=0.1", kBatches, bench_lora_train, 0.1f);
+  register_kernel_benchmark("train/lora_qkv_r8/dropout=0", kBatches, bench_lora_train, 0.0f, false);
+  register_kernel_benchmark("train/lora_qkv_r8/dropout=0.1", kBatches, bench_lora_train, 0.1f,
+                            false);
+  register_kernel_benchmark("train/lora_qkv_r8/dropout=0.1/packed", kBatches, bench_lora_train,
+                            0.1f, true);
   register_kernel_benchmark("train/cross_entropy/loss", 3, bench_cross_entropy, false);
   register_kernel_benchmark("train/cross_entropy/loss_and_grads", 3, bench_cross_entropy, true);
   return true;

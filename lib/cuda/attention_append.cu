@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "cuda/attention_tiles.cuh"
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/attention.h"
@@ -52,6 +53,8 @@ template <int kVec>
 __global__ void append_kernel(const __half* __restrict__ qkv, AttentionBatch b, PagedKvLayer kv,
                               __half* __restrict__ out, RotaryTable rot) {
   __shared__ float cos_t[2][kMaxQuarter], sin_t[2][kMaxQuarter];
+  chain_release();
+  chain_wait();
   const int row = blockIdx.x;
   const int D = kv.head_dim, quarter = D / 4, half = D / 2, H = kv.num_heads * D;
   if (threadIdx.x < 2 * quarter) {
@@ -226,12 +229,8 @@ void attention_append(const __half* qkv, const AttentionBatch& batch, const Page
   const int threads = 128, vectors = kv.num_heads * kv.head_dim / 2 / vec;
   const dim3 grid(static_cast<unsigned>(batch.total_tokens), (vectors + threads - 1) / threads);
   const RotaryTable rot = make_rotary_table(kv.head_dim);
-  if (vec == 8) {
-    append_kernel<8><<<grid, threads, 0, stream>>>(qkv, batch, kv, out, rot);
-  } else {
-    append_kernel<4><<<grid, threads, 0, stream>>>(qkv, batch, kv, out, rot);
-  }
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(vec == 8 ? append_kernel<8> : append_kernel<4>, grid, dim3(threads), 0, stream,
+                 qkv, batch, kv, out, rot);
 }
 
 void attention_forward(const __half* qkv, const AttentionBatch& batch, const PagedKvLayer& kv,

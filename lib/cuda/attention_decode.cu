@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "cuda/attention_tiles.cuh"
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "qinggeng/cuda/attention.h"
 #include "qinggeng/error.h"
@@ -70,6 +71,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kGroups = kWarps * kKeysPerWarp;  // independent softmax states per block
   __shared__ float s_max[kGroups], s_sum[kGroups], s_acc[kGroups][D];
 
+  chain_release();
+  chain_wait();
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const Split sp = split_keys(split_length(b), wanted_splits);
   if (split >= sp.splits) return;  // surplus block of a capacity-sized grid
@@ -182,6 +185,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int D>
 __global__ void decode_combine_kernel(AttentionBatch b, int num_heads, Partials part,
                                       int wanted_splits, __half* __restrict__ out) {
+  chain_release();
+  chain_wait();
   const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
   const int splits = split_keys(split_length(b), wanted_splits).splits;
   const std::size_t base = (static_cast<std::size_t>(seq) * num_heads + head) * kMaxSplits;
@@ -208,12 +213,11 @@ void launch_decode(const AttentionBatch& b, const PagedKvLayer& kv, __half* out,
   const Split host = split_keys(b.max_kv_len, wanted);
   const int grid_splits = b.max_kv_len_on_device ? host.bound : host.splits;
   const Partials part = partials_of(ws, b.num_seqs, kv.num_heads, D);
-  decode_split_kernel<D><<<dim3(grid_splits, kv.num_heads, b.num_seqs), kThreads, 0, stream>>>(
-      b, kv, out, part, wanted, attn::softmax_scale_log2(D));
-  QG_CUDA_CHECK(cudaGetLastError());
-  decode_combine_kernel<D><<<dim3(kv.num_heads, b.num_seqs), D, 0, stream>>>(
-      b, kv.num_heads, part, wanted, out);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(decode_split_kernel<D>, dim3(grid_splits, kv.num_heads, b.num_seqs),
+                 dim3(kThreads), 0, stream, b, kv, static_cast<const __half*>(out), part, wanted,
+                 attn::softmax_scale_log2(D));
+  launch_chained(decode_combine_kernel<D>, dim3(kv.num_heads, b.num_seqs), dim3(D), 0, stream, b,
+                 kv.num_heads, part, wanted, out);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 // The GLM mask makes every query's visible keys a prefix [0, max(ctx, i + 1)), so the key loop
 // simply stops at the tile's last visible key and only tiles crossing a row's limit are masked.
 #include "cuda/attention_tiles.cuh"
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "qinggeng/cuda/attention.h"
 #include "qinggeng/cuda/attention_train.h"
@@ -268,6 +269,8 @@ template <int D>
 __global__ void __launch_bounds__(kThreads)
     train_forward_kernel(TrainAttentionBatch b, const __half* qkv, int heads, __half* out,
                          float* lse, float scale_log2) {
+  chain_release();
+  chain_wait();
   const PackedRows<D> src{b, qkv, out, heads, static_cast<int>(blockIdx.z),
                           static_cast<int>(blockIdx.y)};
   prefill_tile<D>(src, (gridDim.x - 1 - blockIdx.x) * kBlockM, scale_log2,
@@ -289,9 +292,8 @@ void launch_train_forward(const __half* qkv, const TrainAttentionBatch& b, int h
                           __half* out, float* lse, cudaStream_t stream) {
   const dim3 grid((b.max_seq_len + kBlockM - 1) / kBlockM, heads, b.num_seqs);
   constexpr int smem = prefill_smem_bytes<D>();
-  train_forward_kernel<D><<<grid, kThreads, smem, stream>>>(b, qkv, heads, out, lse,
-                                                            attn::softmax_scale_log2(D));
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(train_forward_kernel<D>, dim3(grid), dim3(kThreads), smem, stream, b, qkv, heads,
+                 out, lse, attn::softmax_scale_log2(D));
 }
 
 }  // namespace

@@ -41,6 +41,7 @@
 
 #include "cuda/attention_tiles.cuh"
 #include "cuda/attention_train_paths.h"
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/gemm_paths.h"
 #include "cuda/half_vector.cuh"
@@ -106,6 +107,8 @@ std::size_t align256(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 template <int D>
 __global__ void prepare_kernel(const __half* out, const __half* dout, std::int64_t pairs,
                                float* dvec, TileCounters* counters, float* dq_acc) {
+  chain_release();
+  chain_wait();
   constexpr int kLanes = D / 8;
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::int64_t pair = i / kLanes;
@@ -139,6 +142,8 @@ __global__ void prepare_kernel(const __half* out, const __half* dout, std::int64
 template <int D>
 __global__ void finish_kernel(const float* dq_acc, std::int64_t pairs, int heads, float scale,
                               __half* dqkv) {
+  chain_release();
+  chain_wait();
   constexpr int kChunks = D / 8;
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= pairs * kChunks) return;
@@ -263,6 +268,8 @@ __device__ __forceinline__ void atomic_add_pair(float* dst, float v0, float v1) 
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) backward_kernel(const BackwardArgs a) {
+  chain_release();
+  chain_wait();
   constexpr int D = Cfg::D, kKeys = Cfg::kKeys, kQueries = Cfg::kQueries;
   constexpr int kThreads = Cfg::kThreads, kQFrags = kQueries / 8, kDFrags = D / 8;
   constexpr int kDqM = Cfg::kDqRows / 16, kDqN = Cfg::kDqCols / 8;
@@ -535,8 +542,8 @@ void launch_tiles(const BackwardArgs& args, cudaStream_t stream) {
   // tiles, start first and the short causal-tail blocks fill in behind them.
   const dim3 grid(static_cast<unsigned>(args.heads), static_cast<unsigned>(args.b.num_seqs),
                   static_cast<unsigned>((args.b.max_seq_len + Cfg::kKeys - 1) / Cfg::kKeys));
-  backward_kernel<Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(backward_kernel<Cfg>, dim3(grid), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream,
+                 args);
 }
 
 template <int D>
@@ -564,14 +571,13 @@ void run_backward(const __half* out, BackwardArgs args, void* workspace, cudaStr
                       : reinterpret_cast<TileCounters*>(ws + align256(pairs * D * sizeof(float)) +
                                                         align256(pairs * sizeof(float)));
   const std::int64_t threads = pairs * (D / 8);
-  prepare_kernel<D><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-      out, args.dout, pairs, dvec, args.counters, separate ? args.dq_acc : nullptr);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(prepare_kernel<D>, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
+                 0, stream, out, args.dout, pairs, dvec, args.counters,
+                 separate ? args.dq_acc : nullptr);
   launch_backward<D>(args, stream);
   if (separate) {
-    finish_kernel<D><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-        args.dq_acc, pairs, args.heads, args.scale, args.dqkv);
-    QG_CUDA_CHECK(cudaGetLastError());
+    launch_chained(finish_kernel<D>, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
+                   0, stream, args.dq_acc, pairs, args.heads, args.scale, args.dqkv);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/cross_entropy.h"
@@ -72,6 +73,8 @@ template <int kVec>
 __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_rows_kernel(const float* logits, const int* targets, std::int64_t vocab,
                               float grad_factor, float* row_nll, GradOut g) {
+  chain_release();
+  chain_wait();
   __shared__ float warp_m[kRowThreads / 32], warp_s[kRowThreads / 32];
   const std::int64_t row = blockIdx.x;
   const float* l = logits + row * vocab;
@@ -148,6 +151,8 @@ __global__ void __launch_bounds__(kTailThreads)
     vocab_tail_kernel(const float* tail, int tail_cols, const __half* hidden,
                       const __half* lm_tail, std::int64_t rows, std::int64_t hidden_size,
                       __half* dhidden, float* dlm_tail) {
+  chain_release();
+  chain_wait();
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kTailThreads + threadIdx.x;
   if (c >= hidden_size) return;
   float head[kTailWidth], acc[kTailWidth];
@@ -238,11 +243,11 @@ void cross_entropy_train(const __half* hidden, const __half* lm_head, const int*
     gemm_f16(h, head, logits, true, n, vocab, hidden_size, GemmEpilogue{}, stream);
     const auto grid = static_cast<unsigned>(n);
     if (vec4) {
-      cross_entropy_rows_kernel<4><<<grid, kRowThreads, 0, stream>>>(
-          logits, targets + r0, vocab, grad_factor, row_nll + r0, grad);
+      launch_chained(cross_entropy_rows_kernel<4>, dim3(grid), dim3(kRowThreads), 0, stream, logits,
+                     targets + r0, vocab, grad_factor, row_nll + r0, grad);
     } else {
-      cross_entropy_rows_kernel<1><<<grid, kRowThreads, 0, stream>>>(
-          logits, targets + r0, vocab, grad_factor, row_nll + r0, grad);
+      launch_chained(cross_entropy_rows_kernel<1>, dim3(grid), dim3(kRowThreads), 0, stream, logits,
+                     targets + r0, vocab, grad_factor, row_nll + r0, grad);
     }
     QG_CUDA_CHECK(cudaGetLastError());
     if (!backward) continue;
@@ -261,10 +266,9 @@ void cross_entropy_train(const __half* hidden, const __half* lm_head, const int*
     }
     if (tail_cols > 0) {
       const auto blocks = static_cast<unsigned>((hidden_size + kTailThreads - 1) / kTailThreads);
-      vocab_tail_kernel<<<blocks, kTailThreads, 0, stream>>>(
-          tail, tail_cols, hidden_c, lm_head + v8 * hidden_size, n, hidden_size, dhidden_c,
-          dlm_head != nullptr ? dlm_head + v8 * hidden_size : nullptr);
-      QG_CUDA_CHECK(cudaGetLastError());
+      launch_chained(vocab_tail_kernel, dim3(blocks), dim3(kTailThreads), 0, stream, tail,
+                     tail_cols, hidden_c, lm_head + v8 * hidden_size, n, hidden_size, dhidden_c,
+                     dlm_head != nullptr ? dlm_head + v8 * hidden_size : nullptr);
     }
   }
 }

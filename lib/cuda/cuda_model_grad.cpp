@@ -163,6 +163,7 @@ struct CudaModelGrad::Impl {
   std::uint64_t* d_row_seed = nullptr;  // [T] LoRA dropout: seeds[e] * 0x9E3779B97F4A7C15
   std::int64_t* d_labelled_rows = nullptr;  // [<= T] the rows the cross-entropy computes
   void* lora_ws = nullptr;
+  __half *lora_u16 = nullptr, *lora_v16 = nullptr;  // the forward GEMMs' low-rank operands
   void* attn_ws = nullptr;
   void* ce_ws = nullptr;
   std::size_t lora_ws_bytes = 0, attn_ws_bytes = 0, ce_ws_bytes = 0;
@@ -241,8 +242,10 @@ struct CudaModelGrad::Impl {
     d_row_seed = c.take<std::uint64_t>(T);
     d_labelled_rows = c.take<std::int64_t>(T);
     lora_ws_bytes = 0;
+    Index widest_out = 0;
     for (LoraTarget t : lora::kLoraTargets) {
       const auto [in, out] = lora::target_features(t, config);
+      widest_out = std::max<Index>(widest_out, out);
       cuda::LoraTrainShape shape;
       shape.tokens = T;
       shape.in = in;
@@ -251,6 +254,9 @@ struct CudaModelGrad::Impl {
       lora_ws_bytes = std::max(lora_ws_bytes, cuda::lora_train_workspace_bytes(shape));
     }
     lora_ws = c.take<char>(static_cast<Index>(lora_ws_bytes));
+    const Index lr_width = cuda::lora_train_low_rank_width(lora_config.r);
+    lora_u16 = c.take<__half>(T * lr_width);
+    lora_v16 = c.take<__half>(widest_out * lr_width);
     attn_ws_bytes =
         cuda::attention_train_backward_workspace_bytes(static_cast<int>(T), heads(), head_dim());
     attn_ws = c.take<char>(static_cast<Index>(attn_ws_bytes));
@@ -313,10 +319,21 @@ struct CudaModelGrad::Impl {
     return shape;
   }
 
-  // y += lora(x) for target t of `layer`.
+  // Target t's LoRA term as the base GEMM's low-rank term (options.lora_in_gemm; none where
+  // t is not adapted): writes u = dropout(x) A^T (kept for the backward) and the GEMM's fp16
+  // operands.
+  cuda::GemmLowRank lora_term(int layer, int t, const __half* x, float* u) {
+    const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
+    if (!s.present || !options.lora_in_gemm) return {};
+    cuda::lora_train_shrink(x, factors() + s.a, factors() + s.b, lora_shape(layer, t), u, lora_u16,
+                            lora_v16, lora_ws, lora_ws_bytes, stream);
+    return {bits(lora_u16), bits(lora_v16), cuda::lora_train_low_rank_width(lora_config.r)};
+  }
+
+  // y += lora(x) for target t of `layer` as a pass of its own (without options.lora_in_gemm).
   void lora_forward(int layer, int t, const __half* x, __half* y, float* u) {
     const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
-    if (!s.present) return;
+    if (!s.present || options.lora_in_gemm) return;
     cuda::lora_train_forward(x, factors() + s.a, factors() + s.b, lora_shape(layer, t), y, u,
                              lora_ws, lora_ws_bytes, stream);
   }
@@ -422,18 +439,23 @@ struct CudaModelGrad::Impl {
       e.alpha = alpha;
       return e;
     };
-    auto gemm = [&](const __half* in, const Tensor& weight, __half* y, Index N, Index K,
-                    const cuda::GemmEpilogue& e) {
-      cuda::gemm_f16(bits(in), static_cast<const std::uint16_t*>(weight.data()), y, false, T,
-                     N, K, e, stream);
+    // y = epilogue(in W^T) + target t's LoRA term, inside the GEMM or after it.
+    auto gemm = [&](int t, const __half* in, float* u, const Tensor& weight, __half* y, Index N,
+                    Index K, const cuda::GemmEpilogue& e) {
+      cuda::GemmLowRank lora;
+      timed("fwd lora", [&] { lora = lora_term(l, t, in, u); });
+      timed("fwd gemm", [&] {
+        cuda::gemm_f16(bits(in), static_cast<const std::uint16_t*>(weight.data()), y, false, T, N,
+                       K, e, lora, stream);
+      });
+      timed("fwd lora", [&] { lora_forward(l, t, in, y, u); });
     };
 
     timed("fwd layernorm", [&] {
       cuda::layer_norm_forward_stats(x, half_ptr(w.ln1_w), half_ptr(w.ln1_b), eps, T, H(), s.a,
                                      s.mean1, s.rstd1, stream);
     });
-    timed("fwd gemm", [&] { gemm(s.a, w.qkv_w, s.qkv, 3 * H(), H(), bias(w.qkv_b)); });
-    timed("fwd lora", [&] { lora_forward(l, 0, s.a, s.qkv, s.u[0]); });
+    gemm(0, s.a, s.u[0], w.qkv_w, s.qkv, 3 * H(), H(), bias(w.qkv_b));
     timed("rotary", [&] {
       cuda::glm_rotary_qkv(s.qkv, T, heads(), head_dim(), d_positions, d_block_positions, false,
                            stream);
@@ -441,17 +463,14 @@ struct CudaModelGrad::Impl {
     timed("fwd attention", [&] {
       cuda::attention_train_forward(s.qkv, attention, heads(), head_dim(), s.attn, s.lse, stream);
     });
-    timed("fwd gemm", [&] { gemm(s.attn, w.dense_w, s.h, H(), H(), residual(w.dense_b, s.a)); });
-    timed("fwd lora", [&] { lora_forward(l, 1, s.attn, s.h, s.u[1]); });
+    gemm(1, s.attn, s.u[1], w.dense_w, s.h, H(), H(), residual(w.dense_b, s.a));
     timed("fwd layernorm", [&] {
       cuda::layer_norm_forward_stats(s.h, half_ptr(w.ln2_w), half_ptr(w.ln2_b), eps, T, H(), s.m,
                                      s.mean2, s.rstd2, stream);
     });
-    timed("fwd gemm", [&] { gemm(s.m, w.w1, s.f, I(), H(), bias(w.b1)); });
-    timed("fwd lora", [&] { lora_forward(l, 2, s.m, s.f, s.u[2]); });
+    gemm(2, s.m, s.u[2], w.w1, s.f, I(), H(), bias(w.b1));
     timed("gelu", [&] { cuda::gelu_tanh_out(s.f, T * I(), g, stream); });
-    timed("fwd gemm", [&] { gemm(g, w.w2, out, H(), I(), residual(w.b2, s.m)); });
-    timed("fwd lora", [&] { lora_forward(l, 3, g, out, s.u[3]); });
+    gemm(3, g, s.u[3], w.w2, out, H(), I(), residual(w.b2, s.m));
   }
 
   // Every layer, the final norm and the cross-entropy; with `backward` the gradient of the

@@ -6,6 +6,7 @@
 // arbitrarily.
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/elementwise.h"
@@ -35,6 +36,8 @@ __device__ __forceinline__ float gelu_grad(float u) {
 /// out = gelu(x) when dy is null, else out = gelu'(x) * dy; out may alias x or dy.
 template <int kVec>
 __global__ void gelu_kernel(const __half* x, const __half* dy, __half* out, std::int64_t units) {
+  chain_release();
+  chain_wait();
   const auto* px = reinterpret_cast<const HalfVec<kVec>*>(x);
   const auto* pd = reinterpret_cast<const HalfVec<kVec>*>(dy);
   auto* po = reinterpret_cast<HalfVec<kVec>*>(out);
@@ -100,6 +103,8 @@ __global__ void scaled_add_kernel(const __half* a, float alpha, const __half* b,
 template <int kVec, typename Index, bool kScatter>
 __global__ void row_copy_kernel(const __half* x, std::int64_t indexed_rows, const Index* index,
                                 std::int64_t n, std::int64_t units_per_row, __half* out) {
+  chain_release();
+  chain_wait();
   const auto* px = reinterpret_cast<const HalfVec<kVec>*>(x);
   auto* po = reinterpret_cast<HalfVec<kVec>*>(out);
   const std::int64_t units = n * units_per_row;
@@ -126,11 +131,11 @@ void launch_row_copy(const __half* x, std::int64_t indexed_rows, std::int64_t co
            ": null pointer or bad size (rows ", indexed_rows, ", cols ", cols, ", n ", n, ")");
   if (n == 0) return;
   if (cols % 8 == 0 && aligned16(x) && aligned16(out)) {
-    row_copy_kernel<8, Index, kScatter><<<grid_for(n * cols / 8), 256, 0, stream>>>(
-        x, indexed_rows, index, n, cols / 8, out);
+    launch_chained(row_copy_kernel<8, Index, kScatter>, dim3(grid_for(n * cols / 8)), dim3(256), 0,
+                   stream, x, indexed_rows, index, n, cols / 8, out);
   } else {
-    row_copy_kernel<1, Index, kScatter><<<grid_for(n * cols), 256, 0, stream>>>(
-        x, indexed_rows, index, n, cols, out);
+    launch_chained(row_copy_kernel<1, Index, kScatter>, dim3(grid_for(n * cols)), dim3(256), 0,
+                   stream, x, indexed_rows, index, n, cols, out);
   }
   QG_CUDA_CHECK(cudaGetLastError());
 }
@@ -141,9 +146,10 @@ void launch_gelu(const __half* x, const __half* dy, std::int64_t count, __half* 
   QG_CHECK(x && out && count >= 0, op, ": null pointer or negative count ", count);
   if (count == 0) return;
   if (count % 8 == 0 && aligned16(x) && aligned16(out) && (dy == nullptr || aligned16(dy))) {
-    gelu_kernel<8><<<grid_for(count / 8), 256, 0, stream>>>(x, dy, out, count / 8);
+    launch_chained(gelu_kernel<8>, dim3(grid_for(count / 8)), dim3(256), 0, stream, x, dy, out,
+                   count / 8);
   } else {
-    gelu_kernel<1><<<grid_for(count), 256, 0, stream>>>(x, dy, out, count);
+    launch_chained(gelu_kernel<1>, dim3(grid_for(count)), dim3(256), 0, stream, x, dy, out, count);
   }
   QG_CUDA_CHECK(cudaGetLastError());
 }

@@ -120,6 +120,12 @@ std::string gemm_plan(std::int64_t M, std::int64_t N) {
 void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32,
               std::int64_t M, std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
               cudaStream_t stream, GemmPath path) {
+  gemm_f16(x, w, y, y_fp32, M, N, K, epilogue, GemmLowRank{}, stream, path);
+}
+
+void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32, std::int64_t M,
+              std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
+              const GemmLowRank& low_rank, cudaStream_t stream, GemmPath path) {
   QG_CHECK(M >= 0 && N > 0 && K > 0, "gemm_f16: sizes must be positive (M = ", M, ", N = ", N,
            ", K = ", K, ")");
   QG_CHECK(K % 8 == 0, "gemm_f16: K = ", K, " must be a multiple of 8");
@@ -128,16 +134,31 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
   if (M == 0) return;
   QG_CHECK(x && w && y, "gemm_f16: x, w and y must be device pointers (got a null pointer)");
   QG_CHECK(aligned(x, 16) && aligned(w, 16), "gemm_f16: x and w must be 16-byte aligned");
-  const tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16");
+  tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16");
+  if (low_rank.u != nullptr) {
+    QG_CHECK(low_rank.v && low_rank.rank > 0 && low_rank.rank % 8 == 0,
+             "gemm_f16: a low-rank term needs v and a rank that is a positive multiple of 8 "
+             "(rank ",
+             low_rank.rank, ")");
+    QG_CHECK(aligned(low_rank.u, 16) && aligned(low_rank.v, 16),
+             "gemm_f16: the low-rank u and v must be 16-byte aligned");
+    e.lr_u = reinterpret_cast<const __half*>(low_rank.u);
+    e.lr_v = reinterpret_cast<const __half*>(low_rank.v);
+    e.lr_rank = low_rank.rank;
+  }
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* wh = reinterpret_cast<const __half*>(w);
-  if (path == GemmPath::Skinny || (path == GemmPath::Auto && M <= kGemmDecodeMaxM)) {
+  const bool has_low_rank = e.lr_rank > 0;
+  QG_CHECK(!(has_low_rank && path == GemmPath::Skinny),
+           "gemm_f16: the skinny path has no low-rank term; use Auto or a tile path");
+  if (path == GemmPath::Skinny ||
+      (path == GemmPath::Auto && !has_low_rank && M <= kGemmDecodeMaxM)) {
     launch_gemm_skinny(xh, wh, e, K, stream);
     return;
   }
   const std::vector<TileChoice> choices = tile_choices(path);
   const TileChoice& tiled = cheapest(choices, M, N);
-  if (path == GemmPath::Auto && prefer_skinny(M, N, tiled)) {
+  if (path == GemmPath::Auto && !has_low_rank && prefer_skinny(M, N, tiled)) {
     launch_gemm_skinny(xh, wh, e, K, stream);
   } else {
     tiled.launch(xh, wh, e, K, stream);

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/gemm_backward_paths.h"
 #include "cuda/gemm_paths.h"
@@ -107,6 +108,8 @@ template <class S, bool kATrans>
 __global__ void __launch_bounds__(S::Threads)
     gemm_backward_kernel(const __half* __restrict__ a, const __half* __restrict__ b,
                          BackwardStore s, std::int64_t K) {
+  chain_release();
+  chain_wait();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __half* smem = reinterpret_cast<__half*>(smem_raw);
   const tiles::CtaPlace at = tiles::cta_place<S>();
@@ -182,8 +185,7 @@ void launch(const __half* a, const __half* b, const BackwardStore& s, std::int64
   opt_in_shared_memory(reinterpret_cast<const void*>(kernel), S::SmemBytes);
   const dim3 grid(static_cast<unsigned>((s.M + S::BM - 1) / S::BM),
                   static_cast<unsigned>((s.N + S::BN - 1) / S::BN));
-  kernel<<<grid, S::Threads, S::SmemBytes, stream>>>(a, b, s, K);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(kernel, dim3(grid), dim3(S::Threads), S::SmemBytes, stream, a, b, s, K);
 }
 
 std::int64_t tiles_of(std::int64_t M, std::int64_t N, int bm, int bn) {

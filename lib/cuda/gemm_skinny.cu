@@ -4,9 +4,11 @@
 // mma.sync as the B fragment: the K order inside each 32-wide slice is permuted (the same way
 // for X and W, so the dot products are unchanged) so that one 16-byte load is exactly the
 // fragment data of two m16n8k16 steps. No shared-memory staging, no ldmatrix; every 16 tokens
-// are one A operand (kMBlocks of them), so each W fragment feeds kMBlocks mma.
+// are one A operand (kMBlocks of them), so each W fragment feeds kMBlocks mma. Launched
+// chained (chained_launch.cuh): the first W bytes are prefetched into L2 before the wait.
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/gemm_paths.h"
 
@@ -19,6 +21,7 @@ constexpr int kWarps = 8;            // K-split inside a CTA
 constexpr int kNFrags = 4;           // n8 fragments per CTA: 32 rows of W
 constexpr int kRowsPerCta = kNFrags * 8;
 constexpr int kSliceK = 64;          // K consumed per warp per step (two 16-byte loads per row)
+constexpr int kPrefetchSteps = 2;    // CTA steps of W prefetched to L2 before the chain wait
 
 template <int kMBlocks>
 struct SkinnyRegs {
@@ -29,6 +32,11 @@ struct SkinnyRegs {
 };
 
 // ---- CUDA kernels ----
+
+/// Fetches the 128-byte line at p into L2 (no register result, no ordering).
+__device__ __forceinline__ void prefetch_l2(const __half* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
 
 /// 16-byte load that skips L1 allocation: W is read exactly once, X should keep the L1.
 __device__ __forceinline__ uint4 load_streaming(const __half* p) {
@@ -100,6 +108,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Warps interleave over K so that the CTA reads each W row front to back together.
   std::int64_t k = static_cast<std::int64_t>(warp) * kSliceK;
   constexpr std::int64_t kStep = kWarps * kSliceK;
+  // Chained launch: while the previous kernel drains, pull the first kPrefetchSteps steps of
+  // this CTA's W rows into L2 (a prefetch cannot return stale data, so this is safe even if
+  // an earlier kernel of the stream writes W), then wait for X.
+  chain_release();
+  {
+    constexpr int kLinesPerRow = kPrefetchSteps * kStep * 2 / 128;
+    for (int i = threadIdx.x; i < kRowsPerCta * kLinesPerRow; i += kWarps * 32) {
+      const std::int64_t n = n0 + i / kLinesPerRow, kk = (i % kLinesPerRow) * 64;
+      if (n < e.N && kk < K) prefetch_l2(w + n * K + kk);
+    }
+  }
+  chain_wait();
   if constexpr (kMBlocks == 1) {
     // Few registers per slice: the next slice's loads go out before this slice's mma.
     SkinnyRegs<1> cur;
@@ -151,14 +171,10 @@ void launch_gemm_skinny(const __half* x, const __half* w, const Epilogue& e, std
   const std::int64_t ctas = (e.N + kRowsPerCta - 1) / kRowsPerCta;
   QG_CHECK(ctas <= 0x7fffffff, "gemm_f16: N = ", e.N, " is too large for one launch");
   const dim3 grid(static_cast<unsigned>(ctas));
-  if (e.M <= 16) {
-    gemm_skinny_kernel<1><<<grid, kWarps * 32, 0, stream>>>(x, w, e, K);
-  } else if (e.M <= 32) {
-    gemm_skinny_kernel<2><<<grid, kWarps * 32, 0, stream>>>(x, w, e, K);
-  } else {
-    gemm_skinny_kernel<4><<<grid, kWarps * 32, 0, stream>>>(x, w, e, K);
-  }
-  QG_CUDA_CHECK(cudaGetLastError());
+  auto* kernel = e.M <= 16   ? gemm_skinny_kernel<1>
+                 : e.M <= 32 ? gemm_skinny_kernel<2>
+                             : gemm_skinny_kernel<4>;
+  launch_chained(kernel, grid, dim3(kWarps * 32), 0, stream, x, w, e, K);
 }
 
 }  // namespace qg::cuda

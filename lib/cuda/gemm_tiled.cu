@@ -2,9 +2,11 @@
 // BM x BN tile of Y; a STAGES-deep cp.async pipeline streams BK-wide slices of X and W into
 // swizzled shared memory while the warps run ldmatrix + mma.sync on the previous slices; the
 // epilogue is applied to the fp32 accumulators in registers. Tails in M, N and K are
-// zero-filled by the copies and masked at the store, so any M, N and K % 8 == 0 work.
+// zero-filled by the copies and masked at the store, so any M, N and K % 8 == 0 work. A
+// low-rank term (GemmLowRank) is more K slices of the same pipeline, read from U and V.
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/gemm_paths.h"
 
@@ -33,19 +35,29 @@ template <class S>
 __global__ void __launch_bounds__(S::Threads)
     gemm_tiled_kernel(const __half* __restrict__ x, const __half* __restrict__ w, Epilogue e,
                       std::int64_t K) {
+  chain_release();
+  chain_wait();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __half* smem = reinterpret_cast<__half*>(smem_raw);
   const tiles::CtaPlace at = tiles::cta_place<S>();
   const std::int64_t m0 = at.m0, n0 = at.n0;
   const int lane = at.lane, wm = at.wm, wn = at.wn;
-  const int k_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
+  // The slices of X W^T, then those of the low-rank term U V^T (GemmLowRank), if any.
+  const int main_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
+  const int k_tiles = main_tiles + static_cast<int>((e.lr_rank + S::BK - 1) / S::BK);
 
   auto load_stage = [&](int slot, int kt) {
     __half* a = smem + slot * S::StageHalves;
     __half* b = a + S::BM * S::BK;
-    const std::int64_t k0 = static_cast<std::int64_t>(kt) * S::BK;
-    tiles::copy_tile<S::BM, S::BK, S::Threads>(a, x, m0, e.M, k0, K);
-    tiles::copy_tile<S::BN, S::BK, S::Threads>(b, w, n0, e.N, k0, K);
+    if (kt < main_tiles) {
+      const std::int64_t k0 = static_cast<std::int64_t>(kt) * S::BK;
+      tiles::copy_tile<S::BM, S::BK, S::Threads>(a, x, m0, e.M, k0, K);
+      tiles::copy_tile<S::BN, S::BK, S::Threads>(b, w, n0, e.N, k0, K);
+    } else {
+      const std::int64_t k0 = static_cast<std::int64_t>(kt - main_tiles) * S::BK;
+      tiles::copy_tile<S::BM, S::BK, S::Threads>(a, e.lr_u, m0, e.M, k0, e.lr_rank);
+      tiles::copy_tile<S::BN, S::BK, S::Threads>(b, e.lr_v, n0, e.N, k0, e.lr_rank);
+    }
   };
 
   float acc[S::MFrags][S::NFrags][4];
@@ -87,8 +99,8 @@ template <class S>
 void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int64_t K,
                   cudaStream_t stream) {
   opt_in_shared_memory(reinterpret_cast<const void*>(gemm_tiled_kernel<S>), S::SmemBytes);
-  gemm_tiled_kernel<S><<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(x, w, e, K);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(gemm_tiled_kernel<S>, dim3(tile_grid(e, S::BM, S::BN)), dim3(S::Threads),
+                 S::SmemBytes, stream, x, w, e, K);
 }
 
 using Big = TileShape<128, 256, 32, 2, 4, 4>;   // 8 warps of 64x64, 96 KiB smem

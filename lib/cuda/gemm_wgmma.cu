@@ -9,7 +9,11 @@
 // the accumulators, whose code size made the instruction cache the bottleneck of every tile.
 // The same kernel also runs the training backward's dX = dY W (gemm_backward.h) with W read as
 // stored, [K, N]: TMA brings {64 columns, 64 k rows} boxes and wgmma reads B MN-major
-// (its transpose-B mode), so no transposed weight copy exists.
+// (its transpose-B mode), so no transposed weight copy exists. A forward low-rank term
+// (GemmLowRank: the LoRA term of training) is one more 64-wide K slice per 64 of its rank,
+// loaded from U and V by their own descriptors into the same stages. Launched chained
+// (chained_launch.cuh): barrier set-up and an L2 prefetch of the first W slices overlap the
+// previous kernel's tail.
 // Built for sm_90a only (lib/CMakeLists.txt adds that target to this file); append_wgmma_tiles
 // offers these shapes only after a probe saw the sm_90a code run on the current device.
 #include <cuda.h>  // CUtensorMap (types only; the encoder comes through the runtime)
@@ -18,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/gemm_paths.h"
 #include "cuda/wgmma_ops.cuh"
@@ -47,7 +52,9 @@ struct WgmmaShape {
 template <class S, bool kBTrans>
 __global__ void __launch_bounds__(S::Threads, 1)
     gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_x,
-                      const __grid_constant__ CUtensorMap map_w, Epilogue e, std::int64_t K) {
+                      const __grid_constant__ CUtensorMap map_w,
+                      const __grid_constant__ CUtensorMap map_u,
+                      const __grid_constant__ CUtensorMap map_v, Epilogue e, std::int64_t K) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle repeats every 1024 bytes and wgmma assumes tiles start on it.
@@ -58,17 +65,36 @@ __global__ void __launch_bounds__(S::Threads, 1)
   const int m0 = static_cast<int>(blockIdx.x) * S::BM;
   const int n0 = static_cast<int>(blockIdx.y) * S::BN;
   const int warpgroup = threadIdx.x / 128;
-  const int k_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
+  // The slices of X W^T, then those of the low-rank term U V^T (map_u, map_v), if any.
+  const int main_tiles = static_cast<int>((K + S::BK - 1) / S::BK);
+  const int k_tiles = main_tiles + static_cast<int>((e.lr_rank + S::BK - 1) / S::BK);
 
+  chain_release();
   if (threadIdx.x == 0) {
     wgmma::tma_prefetch_descriptor(&map_x);
     wgmma::tma_prefetch_descriptor(&map_w);
+    if (k_tiles > main_tiles) {
+      wgmma::tma_prefetch_descriptor(&map_u);
+      wgmma::tma_prefetch_descriptor(&map_v);
+    }
+    // While the previous kernel of the stream drains (chained launch): the first slices of W
+    // into L2, which a prefetch may do before the wait.
+    for (int kt = 0; kt < S::Stages && kt < main_tiles; ++kt) {
+      if constexpr (kBTrans) {
+        for (int j = 0; j < S::BN / 64; ++j) {
+          wgmma::tma_prefetch_l2_2d(&map_w, n0 + 64 * j, kt * S::BK);
+        }
+      } else {
+        wgmma::tma_prefetch_l2_2d(&map_w, kt * S::BK, n0);
+      }
+    }
     for (int s = 0; s < S::Stages; ++s) {
       wgmma::barrier_init(&full[s], 1);   // the producer's expect_tx arrival
       wgmma::barrier_init(&empty[s], 2);  // one arrival per consumer warpgroup
     }
     wgmma::barrier_init_fence();
   }
+  chain_wait();
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -80,6 +106,12 @@ __global__ void __launch_bounds__(S::Threads, 1)
         if (kt >= S::Stages) wgmma::barrier_wait(&empty[slot], (kt / S::Stages - 1) & 1);
         unsigned char* a = smem + slot * S::StageBytes;
         wgmma::barrier_arrive_expect_bytes(&full[slot], S::StageBytes);
+        if (kt >= main_tiles) {  // a low-rank slice (forward only: gemm_f16)
+          const int k0 = (kt - main_tiles) * S::BK;
+          wgmma::tma_load_2d(a, &map_u, k0, m0, &full[slot]);
+          wgmma::tma_load_2d(a + S::ABytes, &map_v, k0, n0, &full[slot]);
+          continue;
+        }
         wgmma::tma_load_2d(a, &map_x, kt * S::BK, m0, &full[slot]);
         if constexpr (kBTrans) {
           // BN / 64 boxes of {64 columns, BK k rows}, one after another.
@@ -167,7 +199,7 @@ __global__ void __launch_bounds__(S::Threads, 1)
     tiles::store_row8(e, std::int64_t{m0} + r, std::int64_t{n0} + c, v, vectors);
   }
 #else
-  (void)map_x, (void)map_w, (void)e, (void)K;
+  (void)map_x, (void)map_w, (void)map_u, (void)map_v, (void)e, (void)K;
   __trap();
 #endif
 }
@@ -228,8 +260,14 @@ void launch_shape(const __half* x, const __half* w, const Epilogue& e, std::int6
   const CUtensorMap map_x = tensor_map(x, e.M, K, S::BM);
   // [K, N] read in {64 columns, BK rows} boxes, or [N, K] in {64, BN}.
   const CUtensorMap map_w = kBTrans ? tensor_map(w, K, e.N, S::BK) : tensor_map(w, e.N, K, S::BN);
-  kernel<<<tile_grid(e, S::BM, S::BN), S::Threads, S::SmemBytes, stream>>>(map_x, map_w, e, K);
-  QG_CUDA_CHECK(cudaGetLastError());
+  // U [M, rank] and V [N, rank] in the same boxes as X and W; without a low-rank term the
+  // kernel never reads them.
+  QG_CHECK(!kBTrans || e.lr_rank == 0, "gemm_f16_nn: no low-rank term");
+  const bool low_rank = e.lr_rank > 0;
+  const CUtensorMap map_u = low_rank ? tensor_map(e.lr_u, e.M, e.lr_rank, S::BM) : map_x;
+  const CUtensorMap map_v = low_rank ? tensor_map(e.lr_v, e.N, e.lr_rank, S::BN) : map_w;
+  launch_chained(kernel, tile_grid(e, S::BM, S::BN), dim3(S::Threads), S::SmemBytes, stream, map_x,
+                 map_w, map_u, map_v, e, K);
 }
 
 /// Probes once per device (a tiny synchronous launch, so the first GEMM call on a device

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/layer_norm.h"
@@ -74,6 +75,8 @@ __global__ void __launch_bounds__(kThreads)
   const auto* g = reinterpret_cast<const HalfVec<kVec>*>(gamma);
   const auto* bt = reinterpret_cast<const HalfVec<kVec>*>(beta);
   auto* dst = reinterpret_cast<HalfVec<kVec>*>(out + blockIdx.x * cols);
+  chain_release();
+  chain_wait();
 
   float sum = 0.0f;
   for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
@@ -116,6 +119,8 @@ __global__ void __launch_bounds__(kThreads)
     layer_norm_backward_kernel(const __half* x, const __half* gamma, const float* mean,
                                const float* rstd, const __half* dy, std::int64_t rows,
                                std::int64_t cols, __half* dx, float* dgamma, float* dbeta) {
+  chain_release();
+  chain_wait();
   extern __shared__ float partial[];  // [2][cols]: dgamma, dbeta (Shared only)
   __shared__ float2 scratch[kThreads / 32];
   const std::int64_t units = cols / kVec;
@@ -187,14 +192,10 @@ void launch_layer_norm(const __half* x, const __half* gamma, const __half* beta,
                        float* rstd, cudaStream_t stream) {
   if (rows == 0) return;
   const unsigned grid = static_cast<unsigned>(rows);
-  if (cols % 8 == 0 && aligned16(x) && aligned16(gamma) && aligned16(beta) && aligned16(out)) {
-    layer_norm_kernel<8><<<grid, kThreads, 0, stream>>>(x, gamma, beta, eps, cols, out, mean,
-                                                        rstd);
-  } else {
-    layer_norm_kernel<1><<<grid, kThreads, 0, stream>>>(x, gamma, beta, eps, cols, out, mean,
-                                                        rstd);
-  }
-  QG_CUDA_CHECK(cudaGetLastError());
+  const bool vec8 =
+      cols % 8 == 0 && aligned16(x) && aligned16(gamma) && aligned16(beta) && aligned16(out);
+  launch_chained(vec8 ? layer_norm_kernel<8> : layer_norm_kernel<1>, dim3(grid), dim3(kThreads), 0,
+                 stream, x, gamma, beta, eps, cols, out, mean, rstd);
 }
 
 template <int kVec, ParamGrads kGrads>
@@ -207,9 +208,8 @@ void launch_backward(const __half* x, const __half* gamma, const float* mean, co
     QG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(shared_bytes)));
   }
-  kernel<<<grid, kThreads, shared_bytes, stream>>>(x, gamma, mean, rstd, dy, rows, cols, dx,
-                                                   dgamma, dbeta);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(kernel, dim3(grid), dim3(kThreads), shared_bytes, stream, x, gamma, mean, rstd, dy,
+                 rows, cols, dx, dgamma, dbeta);
 }
 
 template <int kVec>

@@ -16,9 +16,10 @@
 //
 // Each thread owns kCols = 32 / kR consecutive columns (4 at rank <= 8: one 8-byte access a
 // token; one column from rank 17 on) and keeps their factor values (and, for outer, their
-// [kCols, kR] sums) in registers: about 128 registers at rank <= 8, four blocks an SM (two to
-// three at higher ranks); a block of 128 threads covers 128 kCols columns and a range of
-// tokens, kSub tokens in flight. A shrink is reduced within the warp and written as one
+// [kCols, kR] sums) in registers: at most 128 registers up to rank 16 (launch bounds: four
+// blocks an SM), more and two to three blocks an SM at higher ranks; a block of 128 threads
+// covers 128 kCols columns and a range of tokens, kSub tokens in flight (their rows' dropout
+// seeds are loaded with their data). A shrink is reduced within the warp and written as one
 // partial per (column block, warp), with no block barrier; outer and expand read the finished
 // s from shared memory, where the block stages it once per 64 tokens (two barriers). Sums over
 // tokens (outer) are written as one partial per token block. Partials are added in a fixed
@@ -33,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/lora_train.h"
@@ -43,7 +45,8 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kSumLanes = 8;  // lanes of sum_parts_kernel per output
+constexpr int kSumLanes = 8;   // lanes of sum_parts_kernel per output
+constexpr int kSumUnroll = 4;  // partials each of those lanes loads at once
 
 /// Columns a thread owns at rounded rank kR (see the file comment).
 constexpr int columns_per_thread(int kR) { return kR >= 32 ? 1 : 32 / kR; }
@@ -194,7 +197,9 @@ __device__ __forceinline__ void load_factor(const PassArgs& p, std::int64_t j0, 
 /// One pass (see the file comment); kR is the rank rounded up to 8, 16, 32 or 64.
 /// Grid: (column blocks, token blocks).
 template <int kR, bool kShrink, bool kOuter, bool kExpand>
-__global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
+__global__ void __launch_bounds__(kThreads, kR <= 16 ? 4 : 1) lora_pass_kernel(const PassArgs p) {
+  chain_release();
+  chain_wait();
   constexpr int kCols = columns_per_thread(kR);
   constexpr int kSub = kOuter && kExpand ? 4 : 8;  // tokens in flight (registers)
   constexpr int kSpread = kR > 32 ? kR / 32 : 1;   // shrink totals per lane
@@ -233,10 +238,12 @@ __global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
       // The same for the whole block, so the shuffles below stay warp-uniform.
       const int count = static_cast<int>(std::min<std::int64_t>(kSub, chunk_end - t0));
       HalfVec<kCols> in_v[kSub], out_v[kSub];
+      RowMask masks[kSub];  // loaded with the data, before this group's stores
 #pragma unroll
       for (int tt = 0; tt < kSub; ++tt) {
         const bool live = active && tt < count;
         const std::int64_t at = (t0 + tt) * p.width + j0;
+        if (tt < count) masks[tt] = row_mask(p.drop, t0 + tt, p.width);
         if constexpr (kShrink || kOuter) {
           in_v[tt] = live ? *reinterpret_cast<const HalfVec<kCols>*>(p.in + at) : HalfVec<kCols>{};
         }
@@ -248,11 +255,10 @@ __global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
       for (int tt = 0; tt < kSub; ++tt) {
         if (tt >= count) break;
         const std::int64_t t = t0 + tt;
-        const RowMask mask = row_mask(p.drop, t, p.width);
         float keep[kCols], x[kCols];
 #pragma unroll
         for (int k = 0; k < kCols; ++k) {
-          keep[k] = dropout_factor(p.drop, mask, j0 + k);
+          keep[k] = dropout_factor(p.drop, masks[tt], j0 + k);
           if constexpr (kShrink || kOuter) x[k] = __half2float(in_v[tt].v[k]) * keep[k];
         }
         if constexpr (kShrink) {
@@ -321,12 +327,24 @@ __global__ void __launch_bounds__(kThreads) lora_pass_kernel(const PassArgs p) {
 __global__ void sum_parts_kernel(const float* part, int parts, std::int64_t n, int rank,
                                  float scale, bool accumulate, float* out, std::int64_t o_j,
                                  std::int64_t o_r) {
+  chain_release();
+  chain_wait();
   const std::int64_t id = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const std::int64_t e = id / kSumLanes;
   const int lane = static_cast<int>(id % kSumLanes);
   float total = 0.0f;
   if (e < n) {
-    for (int i = lane; i < parts; i += kSumLanes) total += part[i * n + e];
+    // kSumUnroll loads in flight, added in the same order as one at a time.
+    for (int i = lane; i < parts; i += kSumLanes * kSumUnroll) {
+      float v[kSumUnroll];
+#pragma unroll
+      for (int u = 0; u < kSumUnroll; ++u) {
+        const int at = i + u * kSumLanes;
+        v[u] = at < parts ? part[static_cast<std::int64_t>(at) * n + e] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kSumUnroll; ++u) total += v[u];
+    }
   }
 #pragma unroll
   for (int offset = kSumLanes / 2; offset > 0; offset /= 2) {
@@ -335,6 +353,26 @@ __global__ void sum_parts_kernel(const float* part, int parts, std::int64_t n, i
   if (e >= n || lane != 0) return;
   float& dst = out[(e / rank) * o_j + (e % rank) * o_r];
   dst = accumulate ? dst + scale * total : scale * total;
+}
+
+/// u16 [tokens, width] = fp16(u), v16 [out, width] = fp16(scale * B), zero past `rank`.
+__global__ void pack_low_rank_kernel(const float* u, const float* b, std::int64_t tokens,
+                                     std::int64_t out, int rank, int width, float scale,
+                                     __half* u16, __half* v16) {
+  chain_release();
+  chain_wait();
+  const std::int64_t total = (tokens + out) * width;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t row = i / width;
+    const int c = static_cast<int>(i % width);
+    if (row < tokens) {
+      u16[i] = __float2half_rn(c < rank ? u[row * rank + c] : 0.0f);
+    } else {
+      const std::int64_t j = row - tokens;
+      v16[j * width + c] = __float2half_rn(c < rank ? scale * b[j * rank + c] : 0.0f);
+    }
+  }
 }
 
 // ---- kernel launchers ----
@@ -361,8 +399,8 @@ template <int kR, bool kShrink, bool kOuter, bool kExpand>
 void launch_pass_r(const PassArgs& args, const PassGrid& grid, cudaStream_t stream) {
   const dim3 blocks(static_cast<unsigned>(grid.col_blocks),
                     static_cast<unsigned>(grid.token_blocks));
-  lora_pass_kernel<kR, kShrink, kOuter, kExpand><<<blocks, kThreads, 0, stream>>>(args);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(lora_pass_kernel<kR, kShrink, kOuter, kExpand>, dim3(blocks), dim3(kThreads), 0,
+                 stream, args);
 }
 
 template <bool kShrink, bool kOuter, bool kExpand>
@@ -386,10 +424,10 @@ void launch_sum(const float* part, std::int64_t parts, std::int64_t rows, int ra
                 cudaStream_t stream) {
   const std::int64_t n = rows * rank;
   const std::int64_t threads = n * kSumLanes;
-  sum_parts_kernel<<<static_cast<unsigned>((threads + kSumThreads - 1) / kSumThreads), kSumThreads,
-                     0, stream>>>(part, static_cast<int>(parts), n, rank, scale, accumulate, out,
-                                  o_j, o_r);
-  QG_CUDA_CHECK(cudaGetLastError());
+  launch_chained(sum_parts_kernel,
+                 dim3(static_cast<unsigned>((threads + kSumThreads - 1) / kSumThreads)),
+                 dim3(kSumThreads), 0, stream, part, static_cast<int>(parts), n, rank, scale,
+                 accumulate, out, o_j, o_r);
 }
 
 /// s [tokens][rank] = the sum of a shrink's partials.
@@ -499,6 +537,18 @@ struct Workspace {
   }
 };
 
+/// u [tokens, rank] = dropout(x) A^T (tokens > 0): the forward's shrink pass and its sum.
+void shrink_to_u(const __half* x, const float* a, const LoraTrainShape& shape, float* u,
+                 void* workspace, cudaStream_t stream) {
+  const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
+  const Workspace ws(shape, workspace);
+  PassArgs shrink = input_side(shape, a);
+  shrink.in = x;
+  shrink.shrink_part = ws.shrink_part;
+  launch_pass<true, false, false>(shrink, in_side, stream);
+  sum_shrink(ws.shrink_part, in_side, shape.tokens, shrink.rank, u, stream);
+}
+
 }  // namespace
 
 std::size_t lora_train_workspace_bytes(const LoraTrainShape& s) {
@@ -513,21 +563,31 @@ void lora_train_forward(const __half* x, const float* a, const float* b,
   QG_CHECK(aligned16(x) && aligned16(y), "lora_train_forward: x and y must be 16-byte aligned");
   check_workspace(shape, workspace, workspace_bytes, "lora_train_forward");
   if (shape.tokens == 0) return;
-  const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
+  shrink_to_u(x, a, shape, u, workspace, stream);
   const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
-  const Workspace ws(shape, workspace);
-
-  PassArgs shrink = input_side(shape, a);  // u partials = dropout(x) A^T
-  shrink.in = x;
-  shrink.shrink_part = ws.shrink_part;
-  launch_pass<true, false, false>(shrink, in_side, stream);
-  sum_shrink(ws.shrink_part, in_side, shape.tokens, shrink.rank, u, stream);
-
   PassArgs expand = output_side(shape, b);  // y += scale u B^T
   expand.out = y;
   expand.s = u;
   expand.scale = shape.scale;
   launch_pass<false, false, true>(expand, out_side, stream);
+}
+
+std::int64_t lora_train_low_rank_width(std::int64_t rank) { return (rank + 7) / 8 * 8; }
+
+void lora_train_shrink(const __half* x, const float* a, const float* b, const LoraTrainShape& shape,
+                       float* u, __half* u16, __half* v16, void* workspace,
+                       std::size_t workspace_bytes, cudaStream_t stream) {
+  check_shape(shape, "lora_train_shrink");
+  QG_CHECK(x && a && b && u && u16 && v16, "lora_train_shrink: null pointer");
+  QG_CHECK(aligned16(x) && aligned16(u16) && aligned16(v16),
+           "lora_train_shrink: x, u16 and v16 must be 16-byte aligned");
+  check_workspace(shape, workspace, workspace_bytes, "lora_train_shrink");
+  if (shape.tokens > 0) shrink_to_u(x, a, shape, u, workspace, stream);
+  const auto width = static_cast<int>(lora_train_low_rank_width(shape.rank));
+  const std::int64_t total = (shape.tokens + shape.out) * width;
+  const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((total + 255) / 256, 4096));
+  launch_chained(pack_low_rank_kernel, dim3(blocks), dim3(256), 0, stream, u, b, shape.tokens,
+                 shape.out, static_cast<int>(shape.rank), width, shape.scale, u16, v16);
 }
 
 void lora_train_backward(const __half* x, const float* a, const float* b, const float* u,

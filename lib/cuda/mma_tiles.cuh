@@ -203,6 +203,10 @@ struct Epilogue {
   void* y = nullptr;
   bool y_fp32 = false;
   std::int64_t M = 0, N = 0;
+  // GemmLowRank: acc += U V^T over lr_rank more K columns (tile kernels only; 0: none).
+  const __half* lr_u = nullptr;
+  const __half* lr_v = nullptr;
+  std::int64_t lr_rank = 0;
 };
 
 __device__ __forceinline__ float gelu_tanh(float u) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/attention_train.h"
@@ -35,6 +36,8 @@ __global__ void __launch_bounds__(kThreads)
     rotary_qkv_kernel(__half* qkv, std::int64_t tokens, int heads, int head_dim,
                       const int* positions, const int* block_positions, float sign,
                       RotaryFreqs f) {
+  chain_release();
+  chain_wait();
   __shared__ float cos_t[kRows][2][kMaxQuarter], sin_t[kRows][2][kMaxQuarter];
   const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * kRows;
   const int rows = static_cast<int>(tokens - row0 < kRows ? tokens - row0 : kRows);
@@ -89,11 +92,11 @@ void glm_rotary_qkv(__half* qkv, std::int64_t tokens, int heads, int head_dim,
   const float sign = inverse ? -1.0f : 1.0f;
   const auto blocks = static_cast<unsigned>((tokens + kRows - 1) / kRows);
   if (head_dim % 32 == 0 && aligned16(qkv)) {  // quarters of 8k pairs: 16-byte units
-    rotary_qkv_kernel<8><<<blocks, kThreads, 0, stream>>>(qkv, tokens, heads, head_dim, positions,
-                                                          block_positions, sign, f);
+    launch_chained(rotary_qkv_kernel<8>, dim3(blocks), dim3(kThreads), 0, stream, qkv, tokens,
+                   heads, head_dim, positions, block_positions, sign, f);
   } else {
-    rotary_qkv_kernel<1><<<blocks, kThreads, 0, stream>>>(qkv, tokens, heads, head_dim, positions,
-                                                          block_positions, sign, f);
+    launch_chained(rotary_qkv_kernel<1>, dim3(blocks), dim3(kThreads), 0, stream, qkv, tokens,
+                   heads, head_dim, positions, block_positions, sign, f);
   }
   QG_CUDA_CHECK(cudaGetLastError());
 }

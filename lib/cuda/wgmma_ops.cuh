@@ -171,6 +171,17 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const void* map) {
 #endif
 }
 
+/// Starts fetching the 2-D box at (inner, outer) of the tensor `map` describes into L2 only
+/// (no shared memory, no barrier): safe before a chained launch's wait (chained_launch.cuh).
+__device__ __forceinline__ void tma_prefetch_l2_2d(const void* map, int inner, int outer) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
+                   reinterpret_cast<std::uint64_t>(map)),
+               "r"(inner), "r"(outer)
+               : "memory");
+#endif
+}
+
 /// Hands registers between warpgroups: producers shrink to kRegs, consumers grow to kRegs.
 template <int kRegs>
 __device__ __forceinline__ void shrink_registers() {

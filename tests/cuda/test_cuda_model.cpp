@@ -2,14 +2,16 @@
 // harness (tests/backend_ops.h), then the full model on a tiny config and on a 2-layer
 // full-width (hidden 4096) random model — logits within fp16 tolerance, identical greedy
 // tokens, batched generation equal to one-by-one; decode steps replayed from CUDA graphs equal
-// to op-by-op steps bit for bit (batch sizes changing, LoRA rows, continuous batching).
+// to op-by-op steps bit for bit (batch sizes changing, LoRA rows, continuous batching), and
+// chained launches (PDL) on and off bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "backend_ops.h"
-#include "lora_fixtures.h"
 #include "catch.hpp"
+#include "cuda/chained_launch.cuh"
+#include "lora_fixtures.h"
 #include "model_fixtures.h"
 #include "qinggeng/engine/batch_generator.h"
 #include "qinggeng/engine/generator.h"
@@ -283,4 +285,28 @@ TEST_CASE("decode steps replayed from CUDA graphs equal op-by-op steps bit for b
     runs.push_back(engine::generate_batch(gpu, prompts, g, {3, 4096}));
   }
   for (std::size_t i = 0; i < prompts.size(); ++i) CHECK(runs[1][i].tokens == runs[0][i].tokens);
+}
+
+TEST_CASE("chained launches (PDL) change no prefill or decode result, bit for bit") {
+  using lora::LoraTarget;
+  const auto config = test::sized_config(256, 4, 1024, 512, 512);
+  const auto dir = test::tiny_model_dir("cuda-chained", 16, config);
+  struct Restore {
+    ~Restore() { cuda::set_chained_launch(false); }
+  } restore;
+  // Each setting gets its own backend, so graphs are captured under it.
+  auto run = [&](bool chained) {
+    cuda::set_chained_launch(chained);
+    auto gpu = model::GlmModel::load(dir, model::make_backend("cuda"));
+    gpu.add_adapter(0, test::random_adapter(config,
+                                            {LoraTarget::QueryKeyValue, LoraTarget::Dense,
+                                             LoraTarget::DenseHTo4H, LoraTarget::Dense4HToH},
+                                            8, 6));
+    return std::make_pair(scripted_decode(gpu, false), scripted_decode(gpu, true));
+  };
+  const auto ordinary = run(false);
+  const auto chained = run(true);
+  INFO("chained launches active on this GPU: " << cuda::chained_launch_enabled());
+  CHECK(chained.first == ordinary.first);
+  CHECK(chained.second == ordinary.second);
 }

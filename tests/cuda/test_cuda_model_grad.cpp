@@ -1,7 +1,8 @@
 // The GPU LoRA training step (train/cuda_model_grad.h) against the CPU reference ModelGrad:
 // packed micro-batches of several examples give the loss and every LoRA gradient of the sum
 // of per-example reference gradients (same dropout masks), within fp16 tolerance; the loss
-// scale cancels; checkpointing changes nothing; evaluation NLLs match; bad input is refused.
+// scale cancels; checkpointing changes nothing; the LoRA term inside the base GEMM and chained
+// launches (PDL) change only rounding; evaluation NLLs match; bad input is refused.
 // Then the Trainer on the GPU: it starts from the CPU loss, and LoRA training drives a
 // memorisation task's loss down.
 #include <cmath>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "cuda/chained_launch.cuh"
 #include "fp16_device.h"
 #include "lora_fixtures.h"
 #include "model_fixtures.h"
@@ -121,14 +123,16 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
     }
   }
 
-  for (const bool checkpoint : {false, true}) {
+  for (const auto& [checkpoint, lora_in_gemm] :
+       {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
     train::CudaGradOptions options;
     options.checkpoint_layers = checkpoint;
     options.ce_row_chunk = 32;  // several chunks over the 106 rows
+    options.lora_in_gemm = lora_in_gemm;
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     REQUIRE(gpu.trainable() == cpu.trainable());
     const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
-    INFO("checkpoint " << checkpoint);
+    INFO("checkpoint " << checkpoint << ", LoRA term in the GEMM " << lora_in_gemm);
     CHECK(r.loss == Approx(cpu_loss).epsilon(1e-2));
     CHECK(r.tokens == static_cast<std::int64_t>(scored));
     for (const std::string& name : cpu.trainable()) {
@@ -176,6 +180,44 @@ TEST_CASE("GPU LoRA gradients: checkpointing and the loss scale change nothing, 
   CHECK_THROWS_WITH(plain.loss_and_grad(batch, {1}, 1.0), QG_CONTAINS("dropout seeds"));
   CHECK_THROWS_WITH(plain.set_parameter("nope", {}), QG_CONTAINS("nope"));
   CHECK(plain.memory_plan(1024).total() > plain.memory_plan(128).total());
+}
+
+TEST_CASE("GPU LoRA step: the LoRA term in the GEMM and chained launches change only rounding",
+          "[cuda][train]") {
+  const GradModel model;
+  const auto& [c, dir, store, adapter] = model;
+  const std::vector<TrainingExample> examples = {example(c, 20, 30, 6), example(c, 5, 60, 7),
+                                                 example(c, 64, 9, 8)};
+  const std::vector<const TrainingExample*> batch = {&examples[0], &examples[1], &examples[2]};
+  struct Restore {
+    ~Restore() { cuda::set_chained_launch(false); }
+  } restore;
+  auto step = [&](bool lora_in_gemm, bool chained) {
+    cuda::set_chained_launch(chained);
+    train::CudaGradOptions options;
+    options.lora_in_gemm = lora_in_gemm;
+    train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
+    return gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
+  };
+  const auto base = step(false, false);
+  for (const auto& [lora_in_gemm, chained] :
+       {std::pair{true, false}, {false, true}, {true, true}}) {
+    INFO("LoRA term in the GEMM " << lora_in_gemm << ", chained launches " << chained
+                                  << " (active here: " << cuda::chained_launch_enabled() << ")");
+    const auto r = step(lora_in_gemm, chained);
+    const auto same_step = step(lora_in_gemm, false);
+    // Chained launches reorder nothing the forward computes: the same loss to the bit; the
+    // gradients differ at most by the attention backward's fp32 atomics (dq).
+    CHECK(r.loss == same_step.loss);
+    REQUIRE(r.grads.size() == base.grads.size());
+    for (const auto& [name, grad] : r.grads) {
+      INFO(name);
+      CHECK(relative_l2(grad, same_step.grads.at(name)) < 1e-5);
+      // One fp16 rounding of y instead of two, and fp16 u and scale * B in the GEMM.
+      CHECK(relative_l2(grad, base.grads.at(name)) < 1e-2);
+    }
+    CHECK(r.loss == Approx(base.loss).epsilon(1e-3));
+  }
 }
 
 TEST_CASE("Trainer on the GPU starts at the CPU loss and learns", "[cuda][train]") {

@@ -1,7 +1,8 @@
 // qg::cuda::gemm_f16 (tiled and skinny paths) against the CPU reference backend over odd
 // shapes, every epilogue and both output types; the Hopper wgmma tiles (both sizes, many
 // tiles, tails in M, N and K, odd N) for gemm_f16 and gemm_f16_nn; against cuBLAS at
-// model-sized shapes; batched decode equal to one-by-one; and the argument checks.
+// model-sized shapes; batched decode equal to one-by-one; a low-rank term (GemmLowRank) equal
+// to the GEMM over the concatenated K; and the argument checks.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -275,6 +276,89 @@ TEST_CASE("gemm_f16_nn on wgmma 128x256 tiles: more tiles than SMs, tails, resid
                         N, K, e, nullptr);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   CHECK(qg::test::tolerance_ratio(download(*y, M, N, false), with_res, 2e-3, 2e-3) <= 1.0);
+}
+
+namespace {
+
+/// [a | b]: the columns of b appended to each row of a (same row count).
+HostMatrix concat_columns(const HostMatrix& a, const HostMatrix& b) {
+  HostMatrix out{a.rows, a.cols + b.cols,
+                 std::vector<float>(static_cast<std::size_t>(a.rows * (a.cols + b.cols)))};
+  for (std::int64_t r = 0; r < a.rows; ++r) {
+    for (std::int64_t c = 0; c < a.cols; ++c) out.at(r, c) = a.at(r, c);
+    for (std::int64_t c = 0; c < b.cols; ++c) out.at(r, a.cols + c) = b.at(r, c);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("gemm_f16 with a low-rank term equals the GEMM over the concatenated K") {
+  auto cpu = qg::model::make_cpu_backend();
+  const float alpha = 1.25f;
+  struct Shape {
+    std::int64_t M, N, K, R;
+  };
+  // Rank 8 / 16 (one slice, mostly zero-filled), 64 (one whole wgmma slice), 72 (two); K
+  // ending inside a slice (72, 1032) or on one (64, 1024: bitwise the concatenated GEMM).
+  for (const Shape s :
+       {Shape{300, 1001, 1032, 8}, Shape{1000, 4001, 72, 16}, Shape{130, 136, 64, 64},
+        Shape{17, 24, 8, 72}, Shape{256, 512, 1024, 8}, Shape{1, 40, 64, 8}}) {
+    const auto seed = static_cast<std::uint32_t>(7000 + s.M + s.N + s.K + s.R);
+    HostProblem p(s.M, s.N, s.K, seed);
+    HostMatrix u = qg::test::random_matrix(s.M, s.R, seed + 5);
+    HostMatrix v = qg::test::random_matrix(s.N, s.R, seed + 6, 0.5f);
+    round_to_half(u);
+    round_to_half(v);
+    HostProblem joined = p;  // [x | u] and [w | v]: the same product over K + R columns
+    joined.x = concat_columns(p.x, u);
+    joined.w = concat_columns(p.w, v);
+    const EpilogueReferences refs(*cpu, joined, alpha);
+    GpuProblem gpu(p.x, p.w, p.bias, p.residual);
+    GpuProblem gpu_joined(joined.x, joined.w, p.bias, p.residual);
+    auto gu = upload_half(u), gv = upload_half(v);
+    const qg::cuda::GemmLowRank low_rank{gu->as<std::uint16_t>(), gv->as<std::uint16_t>(), s.R};
+
+    std::vector<std::pair<GemmPath, int>> paths{{GemmPath::Auto, 0}, {GemmPath::Tiled, 32}};
+    if (wgmma_available()) paths.emplace_back(GemmPath::Wgmma, 64);
+    for (const auto& [path, slice] : paths) {
+      for (bool fp32 : {false, true}) {
+        for (const auto& [kind, ref] : refs.cases()) {
+          INFO("M=" << s.M << " N=" << s.N << " K=" << s.K << " R=" << s.R
+                    << " kind=" << static_cast<int>(kind) << " fp32=" << fp32
+                    << " path=" << static_cast<int>(path));
+          REQUIRE(cudaMemset(gpu.y.as<void>(), 0xff, gpu.y.bytes()) == cudaSuccess);
+          GemmEpilogue e;
+          e.kind = kind;
+          e.bias = gpu.bias->as<std::uint16_t>();
+          e.residual = gpu.residual->as<std::uint16_t>();
+          e.alpha = alpha;
+          qg::cuda::gemm_f16(gpu.x->as<std::uint16_t>(), gpu.w->as<std::uint16_t>(),
+                             gpu.y.as<void>(), fp32, s.M, s.N, s.K, e, low_rank, nullptr, path);
+          REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+          const HostMatrix got = download(gpu.y, s.M, s.N, fp32);
+          check_against(got, *ref, fp32);
+          // Where K ends on a slice boundary the slices are the concatenated GEMM's, in order.
+          if (slice > 0 && s.K % slice == 0) {
+            CHECK(got.data == gpu_joined.run(kind, alpha, fp32, path).data);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_f16 rejects a bad low-rank term with a message") {
+  DeviceBuffer buf(64 * 64 * 4);
+  const auto* x = buf.as<std::uint16_t>();
+  const GemmEpilogue none;
+  auto call = [&](const qg::cuda::GemmLowRank& lr, GemmPath path) {
+    qg::cuda::gemm_f16(x, x, buf.as<void>(), false, 4, 16, 64, none, lr, nullptr, path);
+  };
+  REQUIRE_THROWS_WITH(call({x, x, 12}, GemmPath::Auto), QG_CONTAINS("multiple of 8"));
+  REQUIRE_THROWS_WITH(call({x, nullptr, 8}, GemmPath::Auto), QG_CONTAINS("needs v"));
+  REQUIRE_THROWS_WITH(call({x + 1, x, 8}, GemmPath::Auto), QG_CONTAINS("16-byte aligned"));
+  REQUIRE_THROWS_WITH(call({x, x, 8}, GemmPath::Skinny), QG_CONTAINS("skinny path has no"));
 }
 
 TEST_CASE("gemm_f16 residual epilogue may update y in place") {

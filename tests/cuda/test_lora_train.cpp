@@ -4,7 +4,8 @@
 // be the CPU's bit for bit: with dx starting at zero, exactly the elements the CPU drops stay
 // zero. Packed examples (row_seed / row_position) match the reference run example by example.
 // Also: the gradients when only some of dx / dA / dB are wanted, bitwise repeatability,
-// a workspace size that never shrinks with more tokens, and the argument checks. Tag [lora-train].
+// a workspace size that never shrinks with more tokens, lora_train_shrink's fp16 operands
+// adding the term inside gemm_f16 (GemmLowRank), and the argument checks. Tag [lora-train].
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,6 +13,7 @@
 
 #include "catch.hpp"
 #include "fp16_device.h"
+#include "qinggeng/cuda/gemm.h"
 #include "qinggeng/cuda/lora_train.h"
 #include "qinggeng/error.h"
 #include "qinggeng/train/reference_backward.h"
@@ -230,6 +232,60 @@ TEST_CASE("GPU LoRA training over packed examples draws each example's own mask"
                                                    d.y.get(), d.u.get(), d.workspace.get(),
                                                    d.workspace_bytes, nullptr),
                       QG_CONTAINS("row_position"));
+}
+
+TEST_CASE("lora_train_shrink's operands add the LoRA term inside gemm_f16", "[lora-train]") {
+  for (const auto& s : {shape_of(100, 1032, 264, 8, 0.1f), shape_of(37, 40, 24, 3, 0.1f),
+                        shape_of(64, 128, 96, 33, 0.0f), shape_of(130, 256, 2056, 64, 0.25f)}) {
+    INFO("tokens " << s.tokens << ", in " << s.in << ", out " << s.out << ", rank " << s.rank);
+    const Case c(s);
+    DeviceCase d(c);
+    const std::int64_t width = qg::cuda::lora_train_low_rank_width(s.rank);
+    CHECK(width % 8 == 0);
+    CHECK(width >= s.rank);
+    CHECK(width < s.rank + 8);
+    DeviceBuffer<__half> u16(static_cast<std::size_t>(s.tokens * width)),
+        v16(static_cast<std::size_t>(s.out * width));
+    qg::cuda::lora_train_shrink(d.x.get(), d.a.get(), d.b.get(), s, d.u.get(), u16.get(), v16.get(),
+                                d.workspace.get(), d.workspace_bytes, nullptr);
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> u = d.u.download();
+    CHECK(relative_l2(u, c.u) < 1e-5);
+    // The fp16 operands: u and scale * B rounded once, zero past the rank.
+    const HostMatrix hu = qg::test::download_fp16(u16, s.tokens, width);
+    const HostMatrix hv = qg::test::download_fp16(v16, s.out, width);
+    std::int64_t wrong = 0;
+    for (std::int64_t t = 0; t < s.tokens; ++t) {
+      for (std::int64_t r = 0; r < width; ++r) {
+        const float want = r < s.rank ? __half2float(__float2half_rn(u[t * s.rank + r])) : 0.0f;
+        wrong += hu.at(t, r) != want;
+      }
+    }
+    for (std::int64_t j = 0; j < s.out; ++j) {
+      for (std::int64_t r = 0; r < width; ++r) {
+        const float want =
+            r < s.rank ? __half2float(__float2half_rn(s.scale * c.b.at(j, r))) : 0.0f;
+        wrong += hv.at(j, r) != want;
+      }
+    }
+    CHECK(wrong == 0);
+    // y = y0 residual + x W^T (W = 0) + the low-rank term: the CPU reference's y.
+    DeviceBuffer<__half> zero_w(static_cast<std::size_t>(s.out * s.in)), bias(s.out);
+    QG_CUDA_CHECK(cudaMemset(zero_w.get(), 0, zero_w.size() * sizeof(__half)));
+    QG_CUDA_CHECK(cudaMemset(bias.get(), 0, bias.size() * sizeof(__half)));
+    qg::cuda::GemmEpilogue e;
+    e.kind = qg::cuda::GemmEpilogue::Kind::BiasResidual;
+    e.bias = reinterpret_cast<const std::uint16_t*>(bias.get());
+    e.residual = reinterpret_cast<const std::uint16_t*>(d.y.get());
+    qg::cuda::gemm_f16(reinterpret_cast<const std::uint16_t*>(d.x.get()),
+                       reinterpret_cast<const std::uint16_t*>(zero_w.get()), d.y.get(), false,
+                       s.tokens, s.out, s.in, e,
+                       {reinterpret_cast<const std::uint16_t*>(u16.get()),
+                        reinterpret_cast<const std::uint16_t*>(v16.get()), width},
+                       nullptr);
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK(relative_l2(qg::test::download_fp16(d.y, s.tokens, s.out).data, c.y) < 2e-3);
+  }
 }
 
 TEST_CASE("GPU LoRA training workspace never shrinks with more tokens", "[lora-train]") {

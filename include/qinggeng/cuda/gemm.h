@@ -14,6 +14,18 @@
 
 namespace qg::cuda {
 
+/// \brief A narrow second product accumulated with the first: acc = X W^T + U V^T, with
+/// U [M, rank] and V [N, rank] fp16 row-major, rank a positive multiple of 8, both 16-byte
+/// aligned. The tile kernels run it as rank / BK more K slices of the same pipeline, so it is
+/// rounded to fp16 once, with the rest of acc. This is the LoRA forward term of training:
+/// U = dropout(x) A^T and V = scale * B (lora_train.h). Not on the skinny path: a call with a
+/// low-rank term runs a tile kernel at every M.
+struct GemmLowRank {
+  const std::uint16_t* u = nullptr;  ///< [M, rank] fp16, or null for none
+  const std::uint16_t* v = nullptr;  ///< [N, rank] fp16
+  std::int64_t rank = 0;
+};
+
 /// \brief What happens to acc = (X W^T)[m, n] before it is stored.
 struct GemmEpilogue {
   enum class Kind {
@@ -60,5 +72,11 @@ std::string gemm_plan(std::int64_t M, std::int64_t N);
 void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32,
               std::int64_t M, std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
               cudaStream_t stream, GemmPath path = GemmPath::Auto);
+
+/// \brief Y[M, N] = epilogue(X[M, K] · W[N, K]^T + U V^T): gemm_f16 with a low-rank term
+/// (see GemmLowRank; a term with null u adds nothing). GemmPath::Skinny is rejected.
+void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32, std::int64_t M,
+              std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
+              const GemmLowRank& low_rank, cudaStream_t stream, GemmPath path = GemmPath::Auto);
 
 }  // namespace qg::cuda

@@ -47,6 +47,20 @@ void lora_train_forward(const __half* x, const float* a, const float* b,
                         const LoraTrainShape& shape, __half* y, float* u, void* workspace,
                         std::size_t workspace_bytes, cudaStream_t stream);
 
+/// \brief Columns of the fp16 low-rank operands of lora_train_shrink: rank rounded up to 8.
+std::int64_t lora_train_low_rank_width(std::int64_t rank);
+
+/// \brief The forward without its expand, for a base GEMM that adds the term itself (gemm_f16
+/// with GemmLowRank{u16, v16, lora_train_low_rank_width(rank)}, so y is rounded once): u as
+/// lora_train_forward computes it, plus the GEMM's operands u16 = fp16(u) and
+/// v16 = fp16(scale * B), zero beyond `rank` columns.
+/// \param u float [tokens, rank], overwritten (kept for the backward)
+/// \param u16 fp16 [tokens, width], v16 fp16 [out, width], overwritten; 16-byte aligned
+/// \throws qg::Error as lora_train_forward, or for misaligned u16 / v16.
+void lora_train_shrink(const __half* x, const float* a, const float* b, const LoraTrainShape& shape,
+                       float* u, __half* u16, __half* v16, void* workspace,
+                       std::size_t workspace_bytes, cudaStream_t stream);
+
 /// \brief Backward with v = dy B (fp32 [tokens, rank]):
 ///   db += scale * dy^T u;  da += scale * v^T dropout(x);  dx += dropout'(scale * v A)
 /// where dropout' zeroes dropped elements and scales kept ones by 1 / (1 - p).

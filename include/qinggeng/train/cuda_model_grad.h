@@ -37,6 +37,11 @@ namespace qg::train {
 struct CudaGradOptions {
   bool checkpoint_layers = false;  ///< keep only layer inputs; recompute in the backward
   std::int64_t ce_row_chunk = 512;  ///< rows of logits held at once by the cross-entropy
+  /// Adds each LoRA forward term inside its base GEMM (gemm_f16's GemmLowRank: extra K slices
+  /// of u and scale * B in fp16, y rounded once) instead of a separate pass that reads and
+  /// writes the layer's output. Same function within fp16 rounding; off by default until it
+  /// is timed on a GPU (docs/training-gpu.md).
+  bool lora_in_gemm = false;
 };
 
 /// \brief Device memory of a training step, by purpose (bytes).
