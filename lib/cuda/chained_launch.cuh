@@ -19,7 +19,7 @@
 // launch_chained is an ordinary launch, and chain_wait / chain_release are no-ops (a kernel
 // launched the ordinary way has no prerequisite grid still running). Both device calls
 // compile to nothing below sm_90. The host part also builds in plain C++ translation units
-// (device.cpp defines the switch).
+// (chained_launch.cu defines the switch).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -49,12 +49,14 @@ __device__ __forceinline__ void chain_release() {
 #endif  // __CUDACC__
 
 /// \brief Whether launch_chained overlaps kernels on the current device: switched on
-/// (QG_CUDA_PDL=1 or set_chained_launch) and an sm_90 or newer device (cached per device).
+/// (QG_CUDA_PDL=1 or set_chained_launch), an sm_90 or newer device, and this build's code
+/// for it compiled for sm_90 or newer (cached per device).
 bool chained_launch_enabled();
 
 /// \brief Switches chained launches on or off for the whole process from the next launch on
-/// (tests compare both; benchmarks time both). CUDA graphs keep what they captured.
-void set_chained_launch(bool on);
+/// (tests compare both; benchmarks time both) and returns whether they were switched on
+/// before. CUDA graphs keep what they captured.
+bool set_chained_launch(bool on);
 
 /// \brief Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) as a programmatic
 /// dependent of the stream's previous kernel where chained_launch_enabled(); see the contract

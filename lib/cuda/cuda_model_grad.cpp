@@ -254,9 +254,11 @@ struct CudaModelGrad::Impl {
       lora_ws_bytes = std::max(lora_ws_bytes, cuda::lora_train_workspace_bytes(shape));
     }
     lora_ws = c.take<char>(static_cast<Index>(lora_ws_bytes));
-    const Index lr_width = cuda::lora_train_low_rank_width(lora_config.r);
-    lora_u16 = c.take<__half>(T * lr_width);
-    lora_v16 = c.take<__half>(widest_out * lr_width);
+    if (options.lora_in_gemm) {
+      const Index lr_width = cuda::lora_train_low_rank_width(lora_config.r);
+      lora_u16 = c.take<__half>(T * lr_width);
+      lora_v16 = c.take<__half>(widest_out * lr_width);
+    }
     attn_ws_bytes =
         cuda::attention_train_backward_workspace_bytes(static_cast<int>(T), heads(), head_dim());
     attn_ws = c.take<char>(static_cast<Index>(attn_ws_bytes));
@@ -443,12 +445,12 @@ struct CudaModelGrad::Impl {
     auto gemm = [&](int t, const __half* in, float* u, const Tensor& weight, __half* y, Index N,
                     Index K, const cuda::GemmEpilogue& e) {
       cuda::GemmLowRank lora;
-      timed("fwd lora", [&] { lora = lora_term(l, t, in, u); });
+      if (options.lora_in_gemm) timed("fwd lora", [&] { lora = lora_term(l, t, in, u); });
       timed("fwd gemm", [&] {
         cuda::gemm_f16(bits(in), static_cast<const std::uint16_t*>(weight.data()), y, false, T, N,
                        K, e, lora, stream);
       });
-      timed("fwd lora", [&] { lora_forward(l, t, in, y, u); });
+      if (!options.lora_in_gemm) timed("fwd lora", [&] { lora_forward(l, t, in, y, u); });
     };
 
     timed("fwd layernorm", [&] {

@@ -131,26 +131,28 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
   QG_CHECK(K % 8 == 0, "gemm_f16: K = ", K, " must be a multiple of 8");
   QG_CHECK(path != GemmPath::Skinny || M <= kGemmSkinnyMaxM, "gemm_f16: the skinny path takes M <= ",
            kGemmSkinnyMaxM, ", got M = ", M);
-  if (M == 0) return;
-  QG_CHECK(x && w && y, "gemm_f16: x, w and y must be device pointers (got a null pointer)");
-  QG_CHECK(aligned(x, 16) && aligned(w, 16), "gemm_f16: x and w must be 16-byte aligned");
-  tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16");
-  if (low_rank.u != nullptr) {
+  const bool has_low_rank = low_rank.u != nullptr;
+  if (has_low_rank) {
     QG_CHECK(low_rank.v && low_rank.rank > 0 && low_rank.rank % 8 == 0,
              "gemm_f16: a low-rank term needs v and a rank that is a positive multiple of 8 "
              "(rank ",
              low_rank.rank, ")");
     QG_CHECK(aligned(low_rank.u, 16) && aligned(low_rank.v, 16),
              "gemm_f16: the low-rank u and v must be 16-byte aligned");
+    QG_CHECK(path != GemmPath::Skinny,
+             "gemm_f16: the skinny path has no low-rank term; use Auto or a tile path");
+  }
+  if (M == 0) return;
+  QG_CHECK(x && w && y, "gemm_f16: x, w and y must be device pointers (got a null pointer)");
+  QG_CHECK(aligned(x, 16) && aligned(w, 16), "gemm_f16: x and w must be 16-byte aligned");
+  tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16");
+  if (has_low_rank) {
     e.lr_u = reinterpret_cast<const __half*>(low_rank.u);
     e.lr_v = reinterpret_cast<const __half*>(low_rank.v);
     e.lr_rank = low_rank.rank;
   }
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* wh = reinterpret_cast<const __half*>(w);
-  const bool has_low_rank = e.lr_rank > 0;
-  QG_CHECK(!(has_low_rank && path == GemmPath::Skinny),
-           "gemm_f16: the skinny path has no low-rank term; use Auto or a tile path");
   if (path == GemmPath::Skinny ||
       (path == GemmPath::Auto && !has_low_rank && M <= kGemmDecodeMaxM)) {
     launch_gemm_skinny(xh, wh, e, K, stream);

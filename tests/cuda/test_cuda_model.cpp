@@ -291,8 +291,9 @@ TEST_CASE("chained launches (PDL) change no prefill or decode result, bit for bi
   using lora::LoraTarget;
   const auto config = test::sized_config(256, 4, 1024, 512, 512);
   const auto dir = test::tiny_model_dir("cuda-chained", 16, config);
-  struct Restore {
-    ~Restore() { cuda::set_chained_launch(false); }
+  struct Restore {  // the switch as it was (QG_CUDA_PDL may have turned it on)
+    bool before = cuda::set_chained_launch(false);
+    ~Restore() { cuda::set_chained_launch(before); }
   } restore;
   // Each setting gets its own backend, so graphs are captured under it.
   auto run = [&](bool chained) {

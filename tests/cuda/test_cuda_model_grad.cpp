@@ -189,8 +189,9 @@ TEST_CASE("GPU LoRA step: the LoRA term in the GEMM and chained launches change 
   const std::vector<TrainingExample> examples = {example(c, 20, 30, 6), example(c, 5, 60, 7),
                                                  example(c, 64, 9, 8)};
   const std::vector<const TrainingExample*> batch = {&examples[0], &examples[1], &examples[2]};
-  struct Restore {
-    ~Restore() { cuda::set_chained_launch(false); }
+  struct Restore {  // the switch as it was (QG_CUDA_PDL may have turned it on)
+    bool before = cuda::set_chained_launch(false);
+    ~Restore() { cuda::set_chained_launch(before); }
   } restore;
   auto step = [&](bool lora_in_gemm, bool chained) {
     cuda::set_chained_launch(chained);
