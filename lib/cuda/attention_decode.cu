@@ -214,7 +214,7 @@ void launch_decode(const AttentionBatch& b, const PagedKvLayer& kv, __half* out,
   const int grid_splits = b.max_kv_len_on_device ? host.bound : host.splits;
   const Partials part = partials_of(ws, b.num_seqs, kv.num_heads, D);
   launch_chained(decode_split_kernel<D>, dim3(grid_splits, kv.num_heads, b.num_seqs),
-                 dim3(kThreads), 0, stream, b, kv, static_cast<const __half*>(out), part, wanted,
+                 dim3(kThreads), 0, stream, b, kv, out, part, wanted,
                  attn::softmax_scale_log2(D));
   launch_chained(decode_combine_kernel<D>, dim3(kv.num_heads, b.num_seqs), dim3(D), 0, stream, b,
                  kv.num_heads, part, wanted, out);

@@ -242,14 +242,9 @@ void cross_entropy_train(const __half* hidden, const __half* lm_head, const int*
     const auto* h = reinterpret_cast<const std::uint16_t*>(hidden_c);
     gemm_f16(h, head, logits, true, n, vocab, hidden_size, GemmEpilogue{}, stream);
     const auto grid = static_cast<unsigned>(n);
-    if (vec4) {
-      launch_chained(cross_entropy_rows_kernel<4>, dim3(grid), dim3(kRowThreads), 0, stream, logits,
-                     targets + r0, vocab, grad_factor, row_nll + r0, grad);
-    } else {
-      launch_chained(cross_entropy_rows_kernel<1>, dim3(grid), dim3(kRowThreads), 0, stream, logits,
-                     targets + r0, vocab, grad_factor, row_nll + r0, grad);
-    }
-    QG_CUDA_CHECK(cudaGetLastError());
+    launch_chained(vec4 ? cross_entropy_rows_kernel<4> : cross_entropy_rows_kernel<1>, dim3(grid),
+                   dim3(kRowThreads), 0, stream, logits, targets + r0, vocab, grad_factor,
+                   row_nll + r0, grad);
     if (!backward) continue;
     __half* dhidden_c = dhidden != nullptr ? dhidden + r0 * hidden_size : nullptr;
     if (dhidden_c != nullptr) {

@@ -137,7 +137,6 @@ void launch_row_copy(const __half* x, std::int64_t indexed_rows, std::int64_t co
     launch_chained(row_copy_kernel<1, Index, kScatter>, dim3(grid_for(n * cols)), dim3(256), 0,
                    stream, x, indexed_rows, index, n, cols, out);
   }
-  QG_CUDA_CHECK(cudaGetLastError());
 }
 
 /// gelu_kernel over `count` values: vectorised when sizes and every pointer allow.
@@ -145,13 +144,11 @@ void launch_gelu(const __half* x, const __half* dy, std::int64_t count, __half* 
                  cudaStream_t stream, const char* op) {
   QG_CHECK(x && out && count >= 0, op, ": null pointer or negative count ", count);
   if (count == 0) return;
-  if (count % 8 == 0 && aligned16(x) && aligned16(out) && (dy == nullptr || aligned16(dy))) {
-    launch_chained(gelu_kernel<8>, dim3(grid_for(count / 8)), dim3(256), 0, stream, x, dy, out,
-                   count / 8);
-  } else {
-    launch_chained(gelu_kernel<1>, dim3(grid_for(count)), dim3(256), 0, stream, x, dy, out, count);
-  }
-  QG_CUDA_CHECK(cudaGetLastError());
+  const bool vec8 =
+      count % 8 == 0 && aligned16(x) && aligned16(out) && (dy == nullptr || aligned16(dy));
+  const std::int64_t units = vec8 ? count / 8 : count;
+  launch_chained(vec8 ? gelu_kernel<8> : gelu_kernel<1>, dim3(grid_for(units)), dim3(256), 0,
+                 stream, x, dy, out, units);
 }
 
 }  // namespace

@@ -91,14 +91,9 @@ void glm_rotary_qkv(__half* qkv, std::int64_t tokens, int heads, int head_dim,
   for (std::size_t j = 0; j < table.size(); ++j) f.inv_freq[j] = table[j];
   const float sign = inverse ? -1.0f : 1.0f;
   const auto blocks = static_cast<unsigned>((tokens + kRows - 1) / kRows);
-  if (head_dim % 32 == 0 && aligned16(qkv)) {  // quarters of 8k pairs: 16-byte units
-    launch_chained(rotary_qkv_kernel<8>, dim3(blocks), dim3(kThreads), 0, stream, qkv, tokens,
-                   heads, head_dim, positions, block_positions, sign, f);
-  } else {
-    launch_chained(rotary_qkv_kernel<1>, dim3(blocks), dim3(kThreads), 0, stream, qkv, tokens,
-                   heads, head_dim, positions, block_positions, sign, f);
-  }
-  QG_CUDA_CHECK(cudaGetLastError());
+  const bool vec8 = head_dim % 32 == 0 && aligned16(qkv);  // quarters of 8k pairs: 16-byte units
+  launch_chained(vec8 ? rotary_qkv_kernel<8> : rotary_qkv_kernel<1>, dim3(blocks), dim3(kThreads),
+                 0, stream, qkv, tokens, heads, head_dim, positions, block_positions, sign, f);
 }
 
 }  // namespace qg::cuda
