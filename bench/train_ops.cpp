@@ -87,8 +87,10 @@ void bench_layer_norm_backward(benchmark::State& state, bool param_grads) {
 
 /// `packed`: the tokens are 4 examples of 512 rows with their own dropout streams, as in the
 /// training step (row_seed / row_position); otherwise one stream over all rows.
-void bench_lora_train(benchmark::State& state, float dropout, bool packed) {
+void bench_lora_train(benchmark::State& state, float dropout, bool packed,
+                      cuda::LoraTrainKernels kernels) {
   cuda::LoraTrainShape shape;
+  shape.kernels = kernels;
   shape.tokens = kTokens;
   shape.in = kHidden;
   shape.out = kQkv;
@@ -145,11 +147,12 @@ void bench_lora_train(benchmark::State& state, float dropout, bool packed) {
   state.counters["GBps"] = gbps;
   table_row(
       "LoRA training (qkv: tokens 2048, in 4096, out 12288, r 8) vs the base forward gemm_f16",
-      {"dropout", "rows", "forward us", "backward us", "fwd+bwd us", "base gemm us",
+      {"kernels", "dropout", "rows", "forward us", "backward us", "fwd+bwd us", "base gemm us",
        "fwd+bwd / base %", "GB/s (min bytes)", "% of copy BW"},
-      {cell(dropout, 1), packed ? "4 x 512" : "one stream", cell(t_fwd * 1e3, 1),
-       cell(t_bwd * 1e3, 1), cell(t * 1e3, 1), cell(t_base * 1e3, 1), cell(100.0 * t / t_base, 1),
-       cell(gbps, 0), cell(100.0 * gbps / peaks().copy_gbps, 0)});
+      {kernels == cuda::LoraTrainKernels::TensorCores ? "tensor cores" : "SIMT", cell(dropout, 1),
+       packed ? "4 x 512" : "one stream", cell(t_fwd * 1e3, 1), cell(t_bwd * 1e3, 1),
+       cell(t * 1e3, 1), cell(t_base * 1e3, 1), cell(100.0 * t / t_base, 1), cell(gbps, 0),
+       cell(100.0 * gbps / peaks().copy_gbps, 0)});
 }
 
 void bench_cross_entropy(benchmark::State& state, bool backward) {
@@ -189,11 +192,17 @@ const bool registered = [] {
   register_kernel_benchmark("train/layer_norm_backward/dx", kBatches, bench_layer_norm_backward, false);
   register_kernel_benchmark("train/layer_norm_backward/dx_dgamma_dbeta", kBatches,
                             bench_layer_norm_backward, true);
-  register_kernel_benchmark("train/lora_qkv_r8/dropout=0", kBatches, bench_lora_train, 0.0f, false);
-  register_kernel_benchmark("train/lora_qkv_r8/dropout=0.1", kBatches, bench_lora_train, 0.1f,
-                            false);
-  register_kernel_benchmark("train/lora_qkv_r8/dropout=0.1/packed", kBatches, bench_lora_train,
-                            0.1f, true);
+  for (const auto kernels : {cuda::LoraTrainKernels::Simt, cuda::LoraTrainKernels::TensorCores}) {
+    const std::string name = kernels == cuda::LoraTrainKernels::TensorCores
+                                 ? "train/lora_qkv_r8_mma"
+                                 : "train/lora_qkv_r8";
+    register_kernel_benchmark(name + "/dropout=0", kBatches, bench_lora_train, 0.0f, false,
+                              kernels);
+    register_kernel_benchmark(name + "/dropout=0.1", kBatches, bench_lora_train, 0.1f, false,
+                              kernels);
+    register_kernel_benchmark(name + "/dropout=0.1/packed", kBatches, bench_lora_train, 0.1f, true,
+                              kernels);
+  }
   register_kernel_benchmark("train/cross_entropy/loss", 3, bench_cross_entropy, false);
   register_kernel_benchmark("train/cross_entropy/loss_and_grads", 3, bench_cross_entropy, true);
   return true;

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# One GPU-machine pass over what needs a GPU: builds (scripts/device-build.sh), runs the whole
-# CUDA test suite, then times the training step and the whole-model decode / prefill with
-# chained launches (QG_CUDA_PDL) off and on; the training step also with the LoRA forward term
-# inside the base GEMM (BM_TrainStepLora/<checkpointing>/<lora_in_gemm>). Logs go to $OUT (or
-# ./out), one file per run, and a summary of the benchmark lines ends the output. About 7
-# minutes on an H100 (most of it building the random 6B models).
-#   usage: scripts/device-verify.sh [BUILD_DIR]
+# One GPU-machine pass over what needs a GPU, in stages (all of them by default, in this order):
+#   tests    the whole CUDA test suite (qg_cuda_tests)
+#   kernels  the LoRA training kernels alone, SIMT and tensor cores (train/lora*)
+#   train    the training step, BM_TrainStepLora/<checkpointing>/<LoRA variant: bit 1 = forward
+#            term inside the base GEMM, bit 2 = LoRA passes on tensor cores>: every variant with
+#            chained launches (QG_CUDA_PDL) off, then variant 3 with and without checkpointing
+#            with them on
+#   models   whole-model decode and prefill, chained launches off and on
+#   profile  Nsight Compute on the LoRA training kernels of both kinds
+# It builds first (scripts/device-build.sh; incremental when BUILD_DIR is kept). Logs go to
+# $OUT (or ./out), one file per run, and a summary of the benchmark lines ends the output.
+# A run takes up to 10 minutes on a device call, so split the stages over two calls: build +
+# tests + kernels (about 4 minutes), then train + models (about 6; each training-step variant
+# builds a random 6B model, about 25 s).
+#   usage: scripts/device-verify.sh [BUILD_DIR] [STAGE...]
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-/tmp/qg-build}
+shift || true
+stages=${*:-tests kernels train models profile}
 out=${OUT:-$src/out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=/tmp/qg-debs/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -19,17 +29,40 @@ if ! "$src/scripts/device-build.sh" "$build" -DQG_BUILD_TESTS=ON -DQG_BUILD_BENC
   exit 1
 fi
 bench=$build/bin/qg_bench
-timeout 300 "$build/bin/qg_cuda_tests" > "$out/cuda_tests.txt" 2>&1
-echo "qg_cuda_tests exit status $?" >> "$out/cuda_tests.txt"
-models='TrainStepLora/0/.|BM_ModelDecode/(1|4|16|64)/128/1|BM_ModelDecode/1/1024/1|BM_ModelPrefill'
-for pdl in 0 1; do
-  QG_CUDA_PDL=$pdl timeout 240 "$bench" --benchmark_filter="$models" > "$out/models_pdl$pdl.txt" 2>&1
+models='BM_ModelDecode/(1|4|16|64)/128/1|BM_ModelDecode/1/1024/1|BM_ModelPrefill'
+logs=()
+for stage in $stages; do
+  case $stage in
+    tests)
+      timeout 300 "$build/bin/qg_cuda_tests" > "$out/cuda_tests.txt" 2>&1
+      echo "qg_cuda_tests exit status $?" >> "$out/cuda_tests.txt"
+      tail -3 "$out/cuda_tests.txt" ;;
+    kernels)
+      timeout 90 "$bench" --benchmark_filter='train/lora' > "$out/lora_kernels.txt" 2>&1
+      logs+=("$out/lora_kernels.txt") ;;
+    train)
+      QG_CUDA_PDL=0 timeout 200 "$bench" --benchmark_filter='TrainStepLora/0/' \
+        > "$out/train_pdl0.txt" 2>&1
+      QG_CUDA_PDL=1 timeout 100 "$bench" --benchmark_filter='TrainStepLora/./3' \
+        > "$out/train_pdl1.txt" 2>&1
+      logs+=("$out/train_pdl0.txt" "$out/train_pdl1.txt") ;;
+    models)
+      for pdl in 0 1; do
+        QG_CUDA_PDL=$pdl timeout 150 "$bench" --benchmark_filter="$models" \
+          > "$out/models_pdl$pdl.txt" 2>&1
+        logs+=("$out/models_pdl$pdl.txt")
+      done ;;
+    profile)
+      timeout 150 ncu --kernel-name-base demangled -k 'regex:lora_(pass|mma)_kernel' -c 12 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        "$bench" --benchmark_filter='train/lora_qkv_r8(_mma)?/dropout=0.1/packed' \
+        > "$out/lora_ncu.txt" 2>&1
+      grep -E 'lora_(pass|mma)_kernel|Duration|Memory Throughput|DRAM Throughput|Achieved Occ|Registers Per' \
+        "$out/lora_ncu.txt" | head -80 ;;
+    *) echo "unknown stage $stage (tests kernels train models profile)"; exit 2 ;;
+  esac
 done
-QG_CUDA_PDL=1 timeout 120 "$bench" --benchmark_filter='TrainStepLora/1/.' \
-  > "$out/train_checkpointing_pdl1.txt" 2>&1
-timeout 60 "$bench" --benchmark_filter='train/lora' > "$out/lora_kernels.txt" 2>&1
-tail -3 "$out/cuda_tests.txt"
-for f in "$out"/models_pdl*.txt "$out"/train_checkpointing_pdl1.txt "$out"/lora_kernels.txt; do
+for f in "${logs[@]}"; do
   echo "== $(basename "$f")"
   grep -E '^(BM_|train/)' "$f" | cut -c1-150
 done

@@ -318,6 +318,8 @@ struct CudaModelGrad::Impl {
     shape.seed = static_cast<std::uint64_t>(layer * 4 + t + 1);
     shape.row_seed = d_row_seed;
     shape.row_position = d_row_position;
+    shape.kernels = options.lora_tensor_cores ? cuda::LoraTrainKernels::TensorCores
+                                              : cuda::LoraTrainKernels::Auto;
     return shape;
   }
 

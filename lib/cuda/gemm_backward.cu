@@ -48,37 +48,6 @@ struct Shape {
   static_assert(BM % 64 == 0 && BN % 64 == 0, "MN-major tile rows must be whole 128-byte lines");
 };
 
-// ---- shared-memory tiles stored MN-major: [BK rows (k)][kWidth halves] ----
-
-/// Physical chunk of logical 16-byte chunk `chunk` in row `row` of an MN-major tile whose rows
-/// are a multiple of 8 chunks: XOR with the row's low 3 bits, so the 8 consecutive k rows an
-/// ldmatrix phase addresses at one logical chunk hit 8 different bank groups.
-__device__ __forceinline__ int mn_swizzle(int row, int chunk) { return chunk ^ (row & 7); }
-
-/// Copies k rows [k0, k0 + BK) x columns [c0, c0 + kWidth) of a row-major [K, cols] matrix
-/// into an MN-major tile; rows >= K and columns >= cols (cols % 8 == 0) are zero-filled.
-template <int kWidth, int BK, int Threads>
-__device__ __forceinline__ void copy_mn_tile(__half* tile, const __half* src, std::int64_t k0,
-                                             std::int64_t K, std::int64_t c0, std::int64_t cols) {
-  constexpr int kChunks = kWidth / 8;
-  static_assert((BK * kChunks) % Threads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-  for (int it = 0; it < BK * kChunks / Threads; ++it) {
-    const int c = it * Threads + static_cast<int>(threadIdx.x);
-    const int row = c / kChunks, chunk = c % kChunks;
-    const std::int64_t gk = k0 + row, gc = c0 + chunk * 8;
-    const bool valid = gk < K && gc < cols;
-    tiles::cp_async_16(tile + row * kWidth + mn_swizzle(row, chunk) * 8,
-                       valid ? src + gk * cols + gc : src, valid);
-  }
-}
-
-/// Address in an MN-major [BK][kWidth] tile of element (k, col), col a multiple of 8.
-template <int kWidth>
-__device__ __forceinline__ const __half* mn_at(const __half* tile, int k, int col) {
-  return tile + k * kWidth + mn_swizzle(k, col / 8) * 8;
-}
-
 __device__ __forceinline__ void store_pair(const BackwardStore& s, std::int64_t row,
                                            std::int64_t col, float v0, float v1) {
   if (row >= s.M || col >= s.N) return;  // N % 8 == 0: col + 1 < N too
@@ -122,11 +91,11 @@ __global__ void __launch_bounds__(S::Threads)
     __half* sb = sa + S::BM * S::BK;
     const std::int64_t k0 = static_cast<std::int64_t>(kt) * S::BK;
     if constexpr (kATrans) {
-      copy_mn_tile<S::BM, S::BK, S::Threads>(sa, a, k0, K, m0, s.M);
+      tiles::copy_mn_tile<S::BM, S::BK, S::Threads>(sa, a, k0, K, m0, s.M);
     } else {
       tiles::copy_tile<S::BM, S::BK, S::Threads>(sa, a, m0, s.M, k0, K);
     }
-    copy_mn_tile<S::BN, S::BK, S::Threads>(sb, b, k0, K, n0, s.N);
+    tiles::copy_mn_tile<S::BN, S::BK, S::Threads>(sb, b, k0, K, n0, s.N);
   };
 
   float acc[S::MFrags][S::NFrags][4];
@@ -147,7 +116,7 @@ __global__ void __launch_bounds__(S::Threads)
           // transposed from 8 k rows.
           const int mat = lane / 8;
           const int k = kk * 16 + (mat / 2) * 8 + lane % 8;
-          tiles::ldmatrix_x4_trans(af[i], mn_at<S::BM>(sa, k, m + (mat % 2) * 8));
+          tiles::ldmatrix_x4_trans(af[i], tiles::mn_at<S::BM>(sa, k, m + (mat % 2) * 8));
         } else {
           tiles::load_a_fragment<S::BK>(af[i], sa, m, kk, lane);
         }
@@ -159,7 +128,7 @@ __global__ void __launch_bounds__(S::Threads)
         const int k = kk * 16 + (mat % 2) * 8 + lane % 8;
         const int n = wn * S::WarpTileN + j * 16 + (mat / 2) * 8;
         std::uint32_t r[4];
-        tiles::ldmatrix_x4_trans(r, mn_at<S::BN>(sb, k, n));
+        tiles::ldmatrix_x4_trans(r, tiles::mn_at<S::BN>(sb, k, n));
         tiles::set_b_pair(bf, j, r);
       }
       tiles::mma_warp_tile(acc, af, bf);

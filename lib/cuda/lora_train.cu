@@ -1,7 +1,7 @@
 // LoRA of a training step (include/qinggeng/cuda/lora_train.h): memory-bound passes over the
 // activations with fp32 accumulation and the fp32 factors read in place. Every pass over a
-// [tokens, width] fp16 matrix is one kernel, lora_pass_kernel, that streams it once and does
-// any of
+// [tokens, width] fp16 matrix is one kernel that streams it once: lora_pass_kernel here (SIMT),
+// or with LoraTrainKernels::TensorCores lora_mma_kernel (lora_train_mma.cu). Either does any of
 //
 //   shrink  s[t, r] = sum_j in~[t, j] W(j, r)         u = x~ A^T  (forward),  v = dy B
 //   outer   G[j, r] = sum_t in~[t, j] s[t, r]         dB = dy^T u,            dA = v^T x~
@@ -37,11 +37,19 @@
 #include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
+#include "cuda/lora_train_pass.cuh"
 #include "qinggeng/cuda/lora_train.h"
 #include "qinggeng/error.h"
 
 namespace qg::cuda {
 namespace {
+
+using lora_pass::Dropout;
+using lora_pass::dropout_factor;
+using lora_pass::PassArgs;
+using lora_pass::PassGrid;
+using lora_pass::row_mask;
+using lora_pass::RowMask;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
@@ -58,68 +66,7 @@ constexpr int kStage = 64;      // tokens whose s a block stages in shared memor
 constexpr int kTargetBlocks = 528;
 constexpr int kSumThreads = 256;
 
-/// The dropout of one call (threshold 0: none).
-struct Dropout {
-  std::uint64_t seed = 0;
-  std::uint32_t threshold = 0;                 ///< keep iff the top 24 hash bits >= threshold
-  float keep_scale = 1.0f;                     ///< 1 / (1 - p), computed in float as the CPU does
-  const std::uint64_t* row_seed = nullptr;     ///< [tokens] added to seed, or null
-  const std::int32_t* row_position = nullptr;  ///< [tokens] row within its example, or null
-};
-
-/// Everything one lora_pass_kernel launch reads and writes (see the file comment).
-struct PassArgs {
-  const __half* in = nullptr;  ///< [tokens, width] (shrink, outer)
-  __half* out = nullptr;       ///< [tokens, width] updated in place (expand)
-  std::int64_t tokens = 0, width = 0;
-  const float* w = nullptr;  ///< the factor: W(j, r) = w[r * w_r + j * w_j]
-  std::int64_t w_r = 0, w_j = 0;
-  bool w_vec4 = false;  ///< w is 16-byte aligned and its contiguous runs hold whole float4s
-  int rank = 0;
-  Dropout drop;                  ///< applies to in and to expand's update (index t * width + j)
-  const float* s = nullptr;      ///< [tokens][rank] (outer, expand)
-  float* shrink_part = nullptr;  ///< [column blocks * kWarps][tokens][rank] (shrink)
-  float* outer_part = nullptr;   ///< [token blocks][width][rank] (outer)
-  std::int64_t tokens_per_block = 0;  ///< a multiple of kTokenGroup
-  float scale = 1.0f;                 ///< expand
-};
-
-/// The launch shape of a pass over `width` columns: fixed by the sizes alone.
-struct PassGrid {
-  std::int64_t col_blocks = 0, token_blocks = 0, tokens_per_block = 0;
-  std::int64_t shrink_parts() const { return col_blocks * kWarps; }
-};
-
 // ---- device helpers ----
-
-__device__ __forceinline__ std::uint64_t splitmix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-/// The mask of one row: its seed and the index of its first element.
-struct RowMask {
-  std::uint64_t seed = 0, base = 0;
-};
-
-__device__ __forceinline__ RowMask row_mask(const Dropout& d, std::int64_t t, std::int64_t width) {
-  RowMask m;
-  if (d.threshold == 0) return m;
-  m.seed = d.seed + (d.row_seed != nullptr ? d.row_seed[t] : 0);
-  const std::int64_t row = d.row_position != nullptr ? d.row_position[t] : t;
-  m.base = static_cast<std::uint64_t>(row * width);
-  return m;
-}
-
-/// What dropout multiplies element j of a row by: 0 or keep_scale (1 without dropout).
-__device__ __forceinline__ float dropout_factor(const Dropout& d, const RowMask& m,
-                                                std::int64_t j) {
-  if (d.threshold == 0) return 1.0f;
-  const auto bits = static_cast<std::uint32_t>(splitmix64(m.seed ^ splitmix64(m.base + j)) >> 40);
-  return bits >= d.threshold ? d.keep_scale : 0.0f;
-}
 
 /// Sums each of v[0, kN) over the warp, spreading the totals over the lanes (a transposing
 /// reduction: kN - 1 + log2 shuffles instead of 5 kN). On return v[0, max(1, kN / 32)) holds
@@ -259,7 +206,10 @@ __global__ void __launch_bounds__(kThreads, kR <= 16 ? 4 : 1) lora_pass_kernel(c
 #pragma unroll
         for (int k = 0; k < kCols; ++k) {
           keep[k] = dropout_factor(p.drop, masks[tt], j0 + k);
-          if constexpr (kShrink || kOuter) x[k] = __half2float(in_v[tt].v[k]) * keep[k];
+          // A dropped element is 0 even when it is not finite, as on the CPU.
+          if constexpr (kShrink || kOuter) {
+            x[k] = keep[k] != 0.0f ? __half2float(in_v[tt].v[k]) * keep[k] : 0.0f;
+          }
         }
         if constexpr (kShrink) {
           float part[kR];
@@ -392,6 +342,7 @@ PassGrid pass_grid(std::int64_t tokens, std::int64_t width, std::int64_t rank) {
   grid.tokens_per_block = groups_per_block * kTokenGroup;
   grid.token_blocks =
       std::max<std::int64_t>(1, (tokens + grid.tokens_per_block - 1) / grid.tokens_per_block);
+  grid.parts_per_col_block = kWarps;
   return grid;
 }
 
@@ -434,6 +385,28 @@ void launch_sum(const float* part, std::int64_t parts, std::int64_t rows, int ra
 void sum_shrink(const float* part, const PassGrid& grid, std::int64_t tokens, int rank, float* s,
                 cudaStream_t stream) {
   launch_sum(part, grid.shrink_parts(), tokens, rank, 1.0f, false, s, rank, 1, stream);
+}
+
+/// Whether `shape` runs the tensor-core passes (LoraTrainKernels; Auto is Simt for now).
+bool tensor_cores(const LoraTrainShape& s) {
+  return s.kernels == LoraTrainKernels::TensorCores && s.rank <= lora_pass::kMmaMaxRank;
+}
+
+/// The launch shape of `shape`'s passes over `width` columns.
+PassGrid grid_of(const LoraTrainShape& s, std::int64_t width) {
+  return tensor_cores(s) ? lora_pass::mma_pass_grid(s.tokens, width)
+                         : pass_grid(s.tokens, width, s.rank);
+}
+
+/// One pass of `shape` on the kernels it asks for.
+template <bool kShrink, bool kOuter, bool kExpand>
+void run_pass(const LoraTrainShape& s, PassArgs args, const PassGrid& grid, cudaStream_t stream) {
+  if (tensor_cores(s)) {
+    args.tokens_per_block = grid.tokens_per_block;
+    lora_pass::launch_mma_pass(args, grid, kShrink, kOuter, kExpand, stream);
+  } else {
+    launch_pass<kShrink, kOuter, kExpand>(args, grid, stream);
+  }
 }
 
 Dropout dropout_of(const LoraTrainShape& shape) {
@@ -504,8 +477,9 @@ std::size_t floats_bytes(std::int64_t count) {
 /// sized for the largest call serve every smaller one.
 std::int64_t token_blocks_bound(std::int64_t tokens, std::int64_t width, std::int64_t rank) {
   const std::int64_t groups = std::max<std::int64_t>(1, (tokens + kTokenGroup - 1) / kTokenGroup);
-  return std::min(
+  const std::int64_t simt = std::min(
       groups, std::max<std::int64_t>(1, kTargetBlocks / pass_grid(tokens, width, rank).col_blocks));
+  return std::max(simt, lora_pass::mma_token_blocks_bound(tokens, width));
 }
 
 /// Byte offsets of the workspace's parts: shrink partials, then v (backward), then outer
@@ -514,8 +488,11 @@ struct WorkspaceLayout {
   std::size_t shrink_part = 0, v = 0, outer_part = 0, bytes = 0;
 
   explicit WorkspaceLayout(const LoraTrainShape& s) {
-    const std::int64_t parts = std::max(pass_grid(s.tokens, s.in, s.rank).shrink_parts(),
-                                        pass_grid(s.tokens, s.out, s.rank).shrink_parts());
+    // Room for either kind of pass (LoraTrainKernels).
+    const std::int64_t parts = std::max({pass_grid(s.tokens, s.in, s.rank).shrink_parts(),
+                                         pass_grid(s.tokens, s.out, s.rank).shrink_parts(),
+                                         lora_pass::mma_pass_grid(s.tokens, s.in).shrink_parts(),
+                                         lora_pass::mma_pass_grid(s.tokens, s.out).shrink_parts()});
     v = shrink_part + floats_bytes(parts * s.tokens * s.rank);
     outer_part = v + floats_bytes(s.tokens * s.rank);
     bytes = outer_part +
@@ -540,12 +517,12 @@ struct Workspace {
 /// u [tokens, rank] = dropout(x) A^T (tokens > 0): the forward's shrink pass and its sum.
 void shrink_to_u(const __half* x, const float* a, const LoraTrainShape& shape, float* u,
                  void* workspace, cudaStream_t stream) {
-  const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
+  const PassGrid in_side = grid_of(shape, shape.in);
   const Workspace ws(shape, workspace);
   PassArgs shrink = input_side(shape, a);
   shrink.in = x;
   shrink.shrink_part = ws.shrink_part;
-  launch_pass<true, false, false>(shrink, in_side, stream);
+  run_pass<true, false, false>(shape, shrink, in_side, stream);
   sum_shrink(ws.shrink_part, in_side, shape.tokens, shrink.rank, u, stream);
 }
 
@@ -564,12 +541,12 @@ void lora_train_forward(const __half* x, const float* a, const float* b,
   check_workspace(shape, workspace, workspace_bytes, "lora_train_forward");
   if (shape.tokens == 0) return;
   shrink_to_u(x, a, shape, u, workspace, stream);
-  const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
+  const PassGrid out_side = grid_of(shape, shape.out);
   PassArgs expand = output_side(shape, b);  // y += scale u B^T
   expand.out = y;
   expand.s = u;
   expand.scale = shape.scale;
-  launch_pass<false, false, true>(expand, out_side, stream);
+  run_pass<false, false, true>(shape, expand, out_side, stream);
 }
 
 std::int64_t lora_train_low_rank_width(std::int64_t rank) { return (rank + 7) / 8 * 8; }
@@ -600,8 +577,8 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
            "lora_train_backward: x, dy and dx must be 16-byte aligned");
   check_workspace(shape, workspace, workspace_bytes, "lora_train_backward");
   if (shape.tokens == 0 || (dx == nullptr && da == nullptr && db == nullptr)) return;
-  const PassGrid in_side = pass_grid(shape.tokens, shape.in, shape.rank);
-  const PassGrid out_side = pass_grid(shape.tokens, shape.out, shape.rank);
+  const PassGrid in_side = grid_of(shape, shape.in);
+  const PassGrid out_side = grid_of(shape, shape.out);
   const int rank = static_cast<int>(shape.rank);
   const Workspace ws(shape, workspace);
   const bool need_v = dx != nullptr || da != nullptr;
@@ -612,11 +589,11 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
   over_dy.shrink_part = ws.shrink_part;
   over_dy.outer_part = ws.outer_part;
   if (need_v && db != nullptr) {
-    launch_pass<true, true, false>(over_dy, out_side, stream);
+    run_pass<true, true, false>(shape, over_dy, out_side, stream);
   } else if (need_v) {
-    launch_pass<true, false, false>(over_dy, out_side, stream);
+    run_pass<true, false, false>(shape, over_dy, out_side, stream);
   } else {
-    launch_pass<false, true, false>(over_dy, out_side, stream);
+    run_pass<false, true, false>(shape, over_dy, out_side, stream);
   }
   if (db != nullptr) {
     launch_sum(ws.outer_part, out_side.token_blocks, shape.out, rank, shape.scale, true, db,
@@ -632,11 +609,11 @@ void lora_train_backward(const __half* x, const float* a, const float* b, const 
   over_x.outer_part = ws.outer_part;
   over_x.scale = shape.scale;
   if (da != nullptr && dx != nullptr) {
-    launch_pass<false, true, true>(over_x, in_side, stream);
+    run_pass<false, true, true>(shape, over_x, in_side, stream);
   } else if (da != nullptr) {
-    launch_pass<false, true, false>(over_x, in_side, stream);
+    run_pass<false, true, false>(shape, over_x, in_side, stream);
   } else {
-    launch_pass<false, false, true>(over_x, in_side, stream);
+    run_pass<false, false, true>(shape, over_x, in_side, stream);
   }
   if (da != nullptr) {
     launch_sum(ws.outer_part, in_side.token_blocks, shape.in, rank, shape.scale, true, da, 1,

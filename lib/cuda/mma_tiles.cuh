@@ -21,6 +21,15 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
                "r"(src_bytes));
 }
 
+/// 4-byte global->shared copy (both addresses 4-byte aligned); zero-fills without reading when
+/// `valid` is false, as cp_async_16.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 /// Waits until at most `kPending` committed copy groups of this thread are still in flight.
@@ -32,14 +41,17 @@ __device__ __forceinline__ void cp_async_wait() {
 /// The multi-stage main loop of the block-tiled kernels: K slices [0, k_tiles) go through
 /// `Stages` rotating shared-memory slots, load_stage(slot, kt) issuing the cp.async copies of
 /// slice kt while compute(slot) runs on the slice loaded Stages - 1 iterations earlier.
-template <int Stages, class Load, class Compute>
-__device__ __forceinline__ void pipelined_k_loop(int k_tiles, Load&& load_stage,
-                                                 Compute&& compute) {
+/// prepare() runs once, after the first copies are issued and before the first compute (set-up
+/// that overlaps them; it must end with a block barrier if compute reads what it writes).
+template <int Stages, class Load, class Compute, class Prepare>
+__device__ __forceinline__ void pipelined_k_loop(int k_tiles, Load&& load_stage, Compute&& compute,
+                                                 Prepare&& prepare) {
 #pragma unroll
   for (int s = 0; s < Stages - 1; ++s) {
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();  // empty groups keep the wait count uniform
   }
+  prepare();
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<Stages - 2>();
     // Slice kt has landed for every thread, and every warp is done with slice kt - 1, whose
@@ -51,6 +63,12 @@ __device__ __forceinline__ void pipelined_k_loop(int k_tiles, Load&& load_stage,
     compute(kt % Stages);
   }
   cp_async_wait<0>();
+}
+
+template <int Stages, class Load, class Compute>
+__device__ __forceinline__ void pipelined_k_loop(int k_tiles, Load&& load_stage,
+                                                 Compute&& compute) {
+  pipelined_k_loop<Stages>(k_tiles, load_stage, compute, [] {});
 }
 
 // ---- shared-memory layout ----
@@ -84,6 +102,38 @@ __device__ __forceinline__ void copy_tile(__half* tile, const __half* src, std::
     cp_async_16(tile + row * BK + swizzle_chunk<BK>(row, chunk) * 8,
                 valid ? src + gr * K + gk : src, valid);
   }
+}
+
+// ---- shared-memory tiles stored MN-major: [BK rows (k)][kWidth halves] ----
+
+/// Physical chunk of logical 16-byte chunk `chunk` in row `row` of an MN-major tile whose rows
+/// are a multiple of 8 chunks: XOR with the row's low 3 bits, so the 8 consecutive k rows an
+/// ldmatrix phase addresses at one logical chunk hit 8 different bank groups.
+__device__ __forceinline__ int mn_swizzle(int row, int chunk) { return chunk ^ (row & 7); }
+
+/// Copies k rows [k0, k0 + BK) x columns [c0, c0 + kWidth) of a row-major [K, cols] matrix
+/// into an MN-major tile; rows >= K and columns >= cols (cols % 8 == 0) are zero-filled.
+template <int kWidth, int BK, int Threads>
+__device__ __forceinline__ void copy_mn_tile(__half* tile, const __half* src, std::int64_t k0,
+                                             std::int64_t K, std::int64_t c0, std::int64_t cols) {
+  constexpr int kChunks = kWidth / 8;
+  static_assert((BK * kChunks) % Threads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int it = 0; it < BK * kChunks / Threads; ++it) {
+    const int c = it * Threads + static_cast<int>(threadIdx.x);
+    const int row = c / kChunks, chunk = c % kChunks;
+    const std::int64_t gk = k0 + row, gc = c0 + chunk * 8;
+    const bool valid = gk < K && gc < cols;
+    cp_async_16(tile + row * kWidth + mn_swizzle(row, chunk) * 8,
+                valid ? src + gk * cols + gc : src, valid);
+  }
+}
+
+/// Address in an MN-major [BK][kWidth] tile of element (k, col), col a multiple of 8 (Half:
+/// __half or const __half).
+template <int kWidth, class Half>
+__device__ __forceinline__ Half* mn_at(Half* tile, int k, int col) {
+  return tile + k * kWidth + mn_swizzle(k, col / 8) * 8;
 }
 
 // ---- fragments and mma ----

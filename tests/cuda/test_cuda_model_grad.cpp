@@ -1,8 +1,9 @@
 // The GPU LoRA training step (train/cuda_model_grad.h) against the CPU reference ModelGrad:
 // packed micro-batches of several examples give the loss and every LoRA gradient of the sum
 // of per-example reference gradients (same dropout masks), within fp16 tolerance; the loss
-// scale cancels; checkpointing changes nothing; the LoRA term inside the base GEMM and chained
-// launches (PDL) change only rounding; evaluation NLLs match; bad input is refused.
+// scale cancels; checkpointing changes nothing; the LoRA term inside the base GEMM, chained
+// launches (PDL) and the LoRA passes on tensor cores change only rounding; evaluation NLLs
+// match; bad input is refused.
 // Then the Trainer on the GPU: it starts from the CPU loss, and LoRA training drives a
 // memorisation task's loss down.
 #include <cmath>
@@ -123,16 +124,22 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
     }
   }
 
-  for (const auto& [checkpoint, lora_in_gemm] :
-       {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
+  struct Variant {
+    bool checkpoint, lora_in_gemm, lora_tensor_cores;
+  };
+  for (const auto& [checkpoint, lora_in_gemm, lora_tensor_cores] :
+       {Variant{false, false, false}, Variant{true, false, false}, Variant{false, true, false},
+        Variant{true, true, false}, Variant{false, false, true}, Variant{true, true, true}}) {
     train::CudaGradOptions options;
     options.checkpoint_layers = checkpoint;
     options.ce_row_chunk = 32;  // several chunks over the 106 rows
     options.lora_in_gemm = lora_in_gemm;
+    options.lora_tensor_cores = lora_tensor_cores;
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     REQUIRE(gpu.trainable() == cpu.trainable());
     const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
-    INFO("checkpoint " << checkpoint << ", LoRA term in the GEMM " << lora_in_gemm);
+    INFO("checkpoint " << checkpoint << ", LoRA term in the GEMM " << lora_in_gemm
+                       << ", LoRA on tensor cores " << lora_tensor_cores);
     CHECK(r.loss == Approx(cpu_loss).epsilon(1e-2));
     CHECK(r.tokens == static_cast<std::int64_t>(scored));
     for (const std::string& name : cpu.trainable()) {
@@ -182,8 +189,10 @@ TEST_CASE("GPU LoRA gradients: checkpointing and the loss scale change nothing, 
   CHECK(plain.memory_plan(1024).total() > plain.memory_plan(128).total());
 }
 
-TEST_CASE("GPU LoRA step: the LoRA term in the GEMM and chained launches change only rounding",
-          "[cuda][train]") {
+TEST_CASE(
+    "GPU LoRA step: the LoRA term in the GEMM, chained launches and tensor-core LoRA "
+    "passes change only rounding",
+    "[cuda][train]") {
   const GradModel model;
   const auto& [c, dir, store, adapter] = model;
   const std::vector<TrainingExample> examples = {example(c, 20, 30, 6), example(c, 5, 60, 7),
@@ -193,10 +202,11 @@ TEST_CASE("GPU LoRA step: the LoRA term in the GEMM and chained launches change 
     bool before = cuda::set_chained_launch(false);
     ~Restore() { cuda::set_chained_launch(before); }
   } restore;
-  auto step = [&](bool lora_in_gemm, bool chained) {
+  auto step = [&](bool lora_in_gemm, bool chained, bool lora_tensor_cores = false) {
     cuda::set_chained_launch(chained);
     train::CudaGradOptions options;
     options.lora_in_gemm = lora_in_gemm;
+    options.lora_tensor_cores = lora_tensor_cores;
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     return gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
   };
@@ -219,6 +229,14 @@ TEST_CASE("GPU LoRA step: the LoRA term in the GEMM and chained launches change 
     }
     CHECK(r.loss == Approx(base.loss).epsilon(1e-3));
   }
+  // The LoRA passes on tensor cores: u, v and the factor gradients within fp32 rounding, so
+  // only fp16 roundings of y and dx may flip.
+  const auto tensor_cores = step(false, false, true);
+  for (const auto& [name, grad] : tensor_cores.grads) {
+    INFO("LoRA on tensor cores: " << name);
+    CHECK(relative_l2(grad, base.grads.at(name)) < 1e-2);
+  }
+  CHECK(tensor_cores.loss == Approx(base.loss).epsilon(1e-3));
 }
 
 TEST_CASE("Trainer on the GPU starts at the CPU loss and learns", "[cuda][train]") {

@@ -5,10 +5,14 @@
 // zero. Packed examples (row_seed / row_position) match the reference run example by example.
 // Also: the gradients when only some of dx / dA / dB are wanted, bitwise repeatability,
 // a workspace size that never shrinks with more tokens, lora_train_shrink's fp16 operands
-// adding the term inside gemm_f16 (GemmLowRank), and the argument checks. Tag [lora-train].
+// adding the term inside gemm_f16 (GemmLowRank), and the argument checks. Every check of
+// the results runs on both kernels (LoraTrainKernels: SIMT and tensor cores), and the
+// tensor-core passes also over factors from 1e-7 to 1e4 in size and a non-finite dy.
+// Tag [lora-train].
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "catch.hpp"
@@ -30,11 +34,13 @@ struct Case {
   HostMatrix x, a, b, y0, dy, dx0;
   std::vector<float> y, u, dx, da, db;  // reference: y0 + lora, u, dx0 + ..., dA, dB (from 0)
 
-  explicit Case(const qg::cuda::LoraTrainShape& s) : shape(s) {
+  /// Factors A and B of magnitude a_size / sqrt(in) and b_size / sqrt(rank).
+  explicit Case(const qg::cuda::LoraTrainShape& s, float a_size = 1.0f, float b_size = 1.0f)
+      : shape(s) {
     const auto T = s.tokens, I = s.in, O = s.out, R = s.rank;
     x = qg::test::round_to_fp16(qg::test::random_matrix(T, I, 1));
-    a = qg::test::random_matrix(R, I, 2, 1.0f / std::sqrt(static_cast<float>(I)));
-    b = qg::test::random_matrix(O, R, 3, 1.0f / std::sqrt(static_cast<float>(R)));
+    a = qg::test::random_matrix(R, I, 2, a_size / std::sqrt(static_cast<float>(I)));
+    b = qg::test::random_matrix(O, R, 3, b_size / std::sqrt(static_cast<float>(R)));
     y0 = qg::test::round_to_fp16(qg::test::random_matrix(T, O, 4));
     dy = qg::test::round_to_fp16(qg::test::random_matrix(T, O, 5));
     dx0 = qg::test::round_to_fp16(qg::test::random_matrix(T, I, 6, 0.1f));
@@ -50,18 +56,41 @@ struct Case {
   }
 };
 
-/// Device copies of a Case's inputs and the outputs of the GPU calls.
+qg::cuda::LoraTrainShape with_kernels(qg::cuda::LoraTrainShape s,
+                                      qg::cuda::LoraTrainKernels kernels) {
+  s.kernels = kernels;
+  return s;
+}
+
+constexpr qg::cuda::LoraTrainKernels kBothKernels[] = {qg::cuda::LoraTrainKernels::Simt,
+                                                       qg::cuda::LoraTrainKernels::TensorCores};
+
+const char* kernels_name(qg::cuda::LoraTrainKernels k) {
+  return k == qg::cuda::LoraTrainKernels::TensorCores ? "tensor cores" : "SIMT";
+}
+
+/// Device copies of a Case's inputs and the outputs of the GPU calls on `kernels`.
 struct DeviceCase {
   const Case& c;
+  qg::cuda::LoraTrainShape shape;  // c.shape on the kernels asked for
   DeviceBuffer<__half> x, y, dy, dx;
   DeviceBuffer<float> a, b, u, da, db;
   DeviceBuffer<char> workspace;
   std::size_t workspace_bytes;
 
-  explicit DeviceCase(const Case& cs)
-      : c(cs), x(cs.x.data.size()), y(cs.y0.data.size()), dy(cs.dy.data.size()),
-        dx(cs.dx0.data.size()), a(cs.a.data.size()), b(cs.b.data.size()), u(cs.u.size()),
-        da(cs.da.size()), db(cs.db.size()),
+  explicit DeviceCase(const Case& cs,
+                      qg::cuda::LoraTrainKernels kernels = qg::cuda::LoraTrainKernels::Auto)
+      : c(cs),
+        shape(with_kernels(cs.shape, kernels)),
+        x(cs.x.data.size()),
+        y(cs.y0.data.size()),
+        dy(cs.dy.data.size()),
+        dx(cs.dx0.data.size()),
+        a(cs.a.data.size()),
+        b(cs.b.data.size()),
+        u(cs.u.size()),
+        da(cs.da.size()),
+        db(cs.db.size()),
         workspace(qg::cuda::lora_train_workspace_bytes(cs.shape)),
         workspace_bytes(qg::cuda::lora_train_workspace_bytes(cs.shape)) {
     qg::test::upload_fp16(x, cs.x);
@@ -72,7 +101,7 @@ struct DeviceCase {
     b.upload(cs.b.data);
   }
   void forward() {
-    qg::cuda::lora_train_forward(x.get(), a.get(), b.get(), c.shape, y.get(), u.get(),
+    qg::cuda::lora_train_forward(x.get(), a.get(), b.get(), shape, y.get(), u.get(),
                                  workspace.get(), workspace_bytes, nullptr);
   }
   /// Backward from dx = dx0 (or zero), dA = dB = 0 into the outputs asked for.
@@ -84,7 +113,7 @@ struct DeviceCase {
     }
     QG_CUDA_CHECK(cudaMemset(da.get(), 0, da.size() * sizeof(float)));
     QG_CUDA_CHECK(cudaMemset(db.get(), 0, db.size() * sizeof(float)));
-    qg::cuda::lora_train_backward(x.get(), a.get(), b.get(), u.get(), dy.get(), c.shape,
+    qg::cuda::lora_train_backward(x.get(), a.get(), b.get(), u.get(), dy.get(), shape,
                                   want_dx ? dx.get() : nullptr, want_da ? da.get() : nullptr,
                                   want_db ? db.get() : nullptr, workspace.get(), workspace_bytes,
                                   nullptr);
@@ -109,57 +138,61 @@ qg::cuda::LoraTrainShape shape_of(std::int64_t tokens, std::int64_t in, std::int
 
 TEST_CASE("GPU LoRA training forward and backward match the CPU reference", "[lora-train]") {
   const std::vector<qg::cuda::LoraTrainShape> shapes = {
-      shape_of(1, 8, 8, 1, 0.0f),        shape_of(37, 40, 24, 3, 0.1f),
-      shape_of(100, 1032, 264, 8, 0.1f), shape_of(300, 256, 2056, 16, 0.25f),
-      shape_of(64, 128, 96, 33, 0.1f),   shape_of(129, 64, 80, 64, 0.0f),
-      shape_of(2048, 4096, 12288, 8, 0.0f), shape_of(2048, 4096, 12288, 8, 0.1f)};
+      shape_of(1, 8, 8, 1, 0.0f),          shape_of(37, 40, 24, 3, 0.1f),
+      shape_of(100, 1032, 264, 8, 0.1f),   shape_of(300, 256, 2056, 16, 0.25f),
+      shape_of(129, 1032, 200, 12, 0.1f),  shape_of(64, 128, 96, 33, 0.1f),
+      shape_of(129, 64, 80, 64, 0.0f),     shape_of(2048, 4096, 12288, 8, 0.0f),
+      shape_of(2048, 4096, 12288, 8, 0.1f)};
   for (const auto& s : shapes) {
     INFO("tokens " << s.tokens << ", in " << s.in << ", out " << s.out << ", rank " << s.rank
                    << ", dropout " << s.dropout);
     const Case c(s);
-    DeviceCase d(c);
-    d.forward();
-    QG_CUDA_CHECK(cudaDeviceSynchronize());
-    CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
-    CHECK(relative_l2(qg::test::download_fp16(d.y, s.tokens, s.out).data, c.y) < 2e-3);
+    for (const auto kernels : kBothKernels) {
+      INFO(kernels_name(kernels));
+      DeviceCase d(c, kernels);
+      d.forward();
+      QG_CUDA_CHECK(cudaDeviceSynchronize());
+      CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
+      CHECK(relative_l2(qg::test::download_fp16(d.y, s.tokens, s.out).data, c.y) < 2e-3);
 
-    d.backward(true, true, true);
-    const HostMatrix dx = qg::test::download_fp16(d.dx, s.tokens, s.in);
-    const std::vector<float> da = d.da.download(), db = d.db.download();
-    CHECK(relative_l2(dx.data, c.dx) < 2e-3);
-    CHECK(relative_l2(da, c.da) < 1e-5);
-    CHECK(relative_l2(db, c.db) < 1e-5);
+      d.backward(true, true, true);
+      const HostMatrix dx = qg::test::download_fp16(d.dx, s.tokens, s.in);
+      const std::vector<float> da = d.da.download(), db = d.db.download();
+      CHECK(relative_l2(dx.data, c.dx) < 2e-3);
+      CHECK(relative_l2(da, c.da) < 1e-5);
+      CHECK(relative_l2(db, c.db) < 1e-5);
 
-    // Bitwise repeatable (fixed reduction order), and each gradient alone equals the full run.
-    d.backward(true, true, true);
-    CHECK(qg::test::download_fp16(d.dx, s.tokens, s.in).data == dx.data);
-    CHECK(d.da.download() == da);
-    CHECK(d.db.download() == db);
-    d.backward(false, false, true);
-    CHECK(relative_l2(d.db.download(), db) < 1e-6);
-    d.backward(false, true, false);
-    CHECK(relative_l2(d.da.download(), da) < 1e-6);
-    CHECK(d.db.download() == std::vector<float>(db.size(), 0.0f));
+      // Bitwise repeatable (fixed reduction order), and each gradient alone equals the full run.
+      d.backward(true, true, true);
+      CHECK(qg::test::download_fp16(d.dx, s.tokens, s.in).data == dx.data);
+      CHECK(d.da.download() == da);
+      CHECK(d.db.download() == db);
+      d.backward(false, false, true);
+      CHECK(relative_l2(d.db.download(), db) < 1e-6);
+      d.backward(false, true, false);
+      CHECK(relative_l2(d.da.download(), da) < 1e-6);
+      CHECK(d.db.download() == std::vector<float>(db.size(), 0.0f));
 
-    // The mask: from dx = 0, exactly the elements the CPU drops stay zero.
-    d.backward(true, false, false, true);
-    const HostMatrix masked = qg::test::download_fp16(d.dx, s.tokens, s.in);
-    std::int64_t mismatches = 0, dropped = 0;
-    for (std::int64_t t = 0; t < s.tokens; ++t) {
-      for (std::int64_t i = 0; i < s.in; ++i) {
-        const auto index = static_cast<std::uint64_t>(t * s.in + i);
-        const bool keep = qg::train::dropout_keep(s.seed, index, s.dropout);
-        dropped += keep ? 0 : 1;
-        const float v = masked.at(t, i);
-        // A kept element may underflow to zero only if its value is tiny.
-        if (!keep && v != 0.0f) ++mismatches;
-        if (keep && v == 0.0f && std::abs(c.dx[index] - c.dx0.data[index]) > 1e-6f) ++mismatches;
+      // The mask: from dx = 0, exactly the elements the CPU drops stay zero.
+      d.backward(true, false, false, true);
+      const HostMatrix masked = qg::test::download_fp16(d.dx, s.tokens, s.in);
+      std::int64_t mismatches = 0, dropped = 0;
+      for (std::int64_t t = 0; t < s.tokens; ++t) {
+        for (std::int64_t i = 0; i < s.in; ++i) {
+          const auto index = static_cast<std::uint64_t>(t * s.in + i);
+          const bool keep = qg::train::dropout_keep(s.seed, index, s.dropout);
+          dropped += keep ? 0 : 1;
+          const float v = masked.at(t, i);
+          // A kept element may underflow to zero only if its value is tiny.
+          if (!keep && v != 0.0f) ++mismatches;
+          if (keep && v == 0.0f && std::abs(c.dx[index] - c.dx0.data[index]) > 1e-6f) ++mismatches;
+        }
       }
-    }
-    CHECK(mismatches == 0);
-    if (s.dropout > 0 && s.tokens * s.in >= 1000) {
-      const double rate = static_cast<double>(dropped) / static_cast<double>(s.tokens * s.in);
-      CHECK(std::abs(rate - s.dropout) < 0.05);
+      CHECK(mismatches == 0);
+      if (s.dropout > 0 && s.tokens * s.in >= 1000) {
+        const double rate = static_cast<double>(dropped) / static_cast<double>(s.tokens * s.in);
+        CHECK(std::abs(rate - s.dropout) < 0.05);
+      }
     }
   }
 }
@@ -201,31 +234,35 @@ TEST_CASE("GPU LoRA training over packed examples draws each example's own mask"
   c.shape.row_seed = d_row_seed.get();
   c.shape.row_position = d_row_position.get();
 
-  DeviceCase d(c);
-  d.forward();
-  QG_CUDA_CHECK(cudaDeviceSynchronize());
-  CHECK(relative_l2(d.u.download(), u) < 1e-5);
-  CHECK(relative_l2(qg::test::download_fp16(d.y, T, O).data, y) < 2e-3);
-  d.backward(true, true, true);
-  CHECK(relative_l2(qg::test::download_fp16(d.dx, T, I).data, dx) < 2e-3);
-  CHECK(relative_l2(d.da.download(), da) < 1e-5);
-  CHECK(relative_l2(d.db.download(), db) < 1e-5);
+  for (const auto kernels : kBothKernels) {
+    INFO(kernels_name(kernels));
+    DeviceCase d(c, kernels);
+    d.forward();
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK(relative_l2(d.u.download(), u) < 1e-5);
+    CHECK(relative_l2(qg::test::download_fp16(d.y, T, O).data, y) < 2e-3);
+    d.backward(true, true, true);
+    CHECK(relative_l2(qg::test::download_fp16(d.dx, T, I).data, dx) < 2e-3);
+    CHECK(relative_l2(d.da.download(), da) < 1e-5);
+    CHECK(relative_l2(d.db.download(), db) < 1e-5);
 
-  // From dx = 0, a dropped element of row t stays zero: the mask of t's own example.
-  d.backward(true, false, false, true);
-  const HostMatrix masked = qg::test::download_fp16(d.dx, T, I);
-  std::int64_t mismatches = 0;
-  for (std::int64_t t = 0; t < T; ++t) {
-    for (std::int64_t i = 0; i < I; ++i) {
-      const std::int64_t row = row_position[static_cast<std::size_t>(t)];
-      const auto index = static_cast<std::uint64_t>(row * I + i);
-      const bool keep = qg::train::dropout_keep(example_seed[static_cast<std::size_t>(t)], index,
-                                                c.shape.dropout);
-      if (!keep && masked.at(t, i) != 0.0f) ++mismatches;
+    // From dx = 0, a dropped element of row t stays zero: the mask of t's own example.
+    d.backward(true, false, false, true);
+    const HostMatrix masked = qg::test::download_fp16(d.dx, T, I);
+    std::int64_t mismatches = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t i = 0; i < I; ++i) {
+        const std::int64_t row = row_position[static_cast<std::size_t>(t)];
+        const auto index = static_cast<std::uint64_t>(row * I + i);
+        const bool keep = qg::train::dropout_keep(example_seed[static_cast<std::size_t>(t)], index,
+                                                  c.shape.dropout);
+        if (!keep && masked.at(t, i) != 0.0f) ++mismatches;
+      }
     }
+    CHECK(mismatches == 0);
   }
-  CHECK(mismatches == 0);
 
+  DeviceCase d(c);
   auto half_set = c.shape;
   half_set.row_position = nullptr;
   REQUIRE_THROWS_WITH(qg::cuda::lora_train_forward(d.x.get(), d.a.get(), d.b.get(), half_set,
@@ -285,6 +322,54 @@ TEST_CASE("lora_train_shrink's operands add the LoRA term inside gemm_f16", "[lo
                        nullptr);
     QG_CUDA_CHECK(cudaDeviceSynchronize());
     CHECK(relative_l2(qg::test::download_fp16(d.y, s.tokens, s.out).data, c.y) < 2e-3);
+
+    // The tensor-core shrink: the same u within fp32 rounding (ranks above 16 run SIMT).
+    qg::cuda::lora_train_shrink(
+        d.x.get(), d.a.get(), d.b.get(), with_kernels(s, qg::cuda::LoraTrainKernels::TensorCores),
+        d.u.get(), u16.get(), v16.get(), d.workspace.get(), d.workspace_bytes, nullptr);
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
+  }
+}
+
+TEST_CASE("GPU LoRA tensor-core passes keep fp32 accuracy at any factor size", "[lora-train]") {
+  // They split the fp32 factor and [tokens, rank] sums into two fp16 halves under a power of
+  // 2 per rank column: LoRA's B starts at zero and grows slowly, and A, u and v span orders
+  // of magnitude, none of which may fall into fp16's subnormals or overflow it.
+  struct Sizes {
+    float a, b;
+  };
+  for (const auto& [a_size, b_size] :
+       {Sizes{1.0f, 0.0f}, Sizes{1e-6f, 1e-7f}, Sizes{1e4f, 1e-3f}, Sizes{3e-5f, 2e3f}}) {
+    INFO("A x " << a_size << ", B x " << b_size);
+    const Case c(shape_of(300, 1032, 2056, a_size > 1.0f ? 13 : 8, 0.1f), a_size, b_size);
+    for (const auto kernels : kBothKernels) {
+      INFO(kernels_name(kernels));
+      DeviceCase d(c, kernels);
+      d.forward();
+      QG_CUDA_CHECK(cudaDeviceSynchronize());
+      CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
+      d.backward(true, true, true);
+      CHECK(relative_l2(qg::test::download_fp16(d.dx, 300, 1032).data, c.dx) < 2e-3);
+      CHECK(relative_l2(d.da.download(), c.da) < 1e-5);
+      CHECK(relative_l2(d.db.download(), c.db) < 1e-5);
+    }
+  }
+
+  // A non-finite dy (an fp16 overflow under loss scaling) makes dA and dB non-finite, so the
+  // loss scaler sees it.
+  Case c(shape_of(100, 1032, 264, 8, 0.1f));
+  c.dy.data[5 * 264 + 7] = std::numeric_limits<float>::infinity();
+  auto finite = [](const std::vector<float>& v) {
+    return std::all_of(v.begin(), v.end(), [](float f) { return std::isfinite(f); });
+  };
+  for (const auto kernels : kBothKernels) {
+    INFO(kernels_name(kernels));
+    DeviceCase d(c, kernels);
+    d.forward();
+    d.backward(true, true, true);
+    CHECK(!finite(d.da.download()));
+    CHECK(!finite(d.db.download()));
   }
 }
 

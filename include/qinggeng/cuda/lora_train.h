@@ -15,6 +15,16 @@
 
 namespace qg::cuda {
 
+/// \brief Which kernels run the passes over the activations.
+enum class LoraTrainKernels {
+  Auto,  ///< the default: Simt, until the tensor-core passes are timed on a GPU
+  Simt,  ///< fp32 FMAs, a few columns a thread (every rank)
+  /// mma.sync over shared-memory tiles (sm_80+), the fp32 factors and [tokens, rank] sums split
+  /// into two fp16 halves, so results stay within fp32 rounding; ranks up to 16 (larger ranks
+  /// run Simt).
+  TensorCores,
+};
+
 /// \brief One adapted linear of a training step.
 struct LoraTrainShape {
   std::int64_t tokens = 0;
@@ -30,6 +40,7 @@ struct LoraTrainShape {
   /// row_position[t] is t's row within its example.
   const std::uint64_t* row_seed = nullptr;
   const std::int32_t* row_position = nullptr;
+  LoraTrainKernels kernels = LoraTrainKernels::Auto;
 };
 
 /// \brief Scratch bytes lora_train_forward / lora_train_backward need for `shape` (partial

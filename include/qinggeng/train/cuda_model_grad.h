@@ -42,6 +42,10 @@ struct CudaGradOptions {
   /// writes the layer's output. Same function within fp16 rounding; off by default until it
   /// is timed on a GPU (docs/training-gpu.md).
   bool lora_in_gemm = false;
+  /// Runs the LoRA passes over the activations on tensor cores (cuda::LoraTrainKernels::
+  /// TensorCores: ranks up to 16) instead of fp32 FMAs. Same function within fp32 rounding;
+  /// off by default until it is timed on a GPU.
+  bool lora_tensor_cores = false;
 };
 
 /// \brief Device memory of a training step, by purpose (bytes).
