@@ -86,22 +86,36 @@ __device__ __forceinline__ int swizzle_chunk(int row, int chunk) {
 
 // ---- tile copies ----
 
+/// Copies rows [r0, r0 + Rows) x columns [c0, c0 + Width) of a row-major [rows_total, cols]
+/// fp16 matrix into a [Rows][Width] shared tile, 16-byte chunk `chunk` of tile row `row` at
+/// chunk swizzle(row, chunk); rows >= rows_total and columns >= cols are zero-filled (cols and
+/// c0 multiples of 8).
+template <int Rows, int Width, int Threads, class Swizzle>
+__device__ __forceinline__ void copy_rows_to_tile(__half* tile, const __half* src,
+                                                  std::int64_t r0, std::int64_t rows_total,
+                                                  std::int64_t c0, std::int64_t cols,
+                                                  Swizzle&& swizzle) {
+  constexpr int kChunks = Width / 8;
+  static_assert((Rows * kChunks) % Threads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int it = 0; it < Rows * kChunks / Threads; ++it) {
+    const int c = it * Threads + static_cast<int>(threadIdx.x);
+    const int row = c / kChunks, chunk = c % kChunks;
+    const std::int64_t gr = r0 + row, gc = c0 + chunk * 8;
+    const bool valid = gr < rows_total && gc < cols;
+    cp_async_16(tile + row * Width + swizzle(row, chunk) * 8, valid ? src + gr * cols + gc : src,
+                valid);
+  }
+}
+
 /// Copies rows [r0, r0 + Rows) x halves [k0, k0 + BK) of a row-major [rows, K] matrix into a
 /// swizzled shared tile; rows >= rows_total and k >= K are zero-filled.
 template <int Rows, int BK, int Threads>
 __device__ __forceinline__ void copy_tile(__half* tile, const __half* src, std::int64_t r0,
                                           std::int64_t rows_total, std::int64_t k0,
                                           std::int64_t K) {
-  constexpr int kChunks = BK / 8;
-#pragma unroll
-  for (int it = 0; it < Rows * kChunks / Threads; ++it) {
-    const int c = it * Threads + static_cast<int>(threadIdx.x);
-    const int row = c / kChunks, chunk = c % kChunks;
-    const std::int64_t gr = r0 + row, gk = k0 + chunk * 8;
-    const bool valid = gr < rows_total && gk < K;
-    cp_async_16(tile + row * BK + swizzle_chunk<BK>(row, chunk) * 8,
-                valid ? src + gr * K + gk : src, valid);
-  }
+  copy_rows_to_tile<Rows, BK, Threads>(tile, src, r0, rows_total, k0, K,
+                                       [](int row, int chunk) { return swizzle_chunk<BK>(row, chunk); });
 }
 
 // ---- shared-memory tiles stored MN-major: [BK rows (k)][kWidth halves] ----
@@ -116,17 +130,8 @@ __device__ __forceinline__ int mn_swizzle(int row, int chunk) { return chunk ^ (
 template <int kWidth, int BK, int Threads>
 __device__ __forceinline__ void copy_mn_tile(__half* tile, const __half* src, std::int64_t k0,
                                              std::int64_t K, std::int64_t c0, std::int64_t cols) {
-  constexpr int kChunks = kWidth / 8;
-  static_assert((BK * kChunks) % Threads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-  for (int it = 0; it < BK * kChunks / Threads; ++it) {
-    const int c = it * Threads + static_cast<int>(threadIdx.x);
-    const int row = c / kChunks, chunk = c % kChunks;
-    const std::int64_t gk = k0 + row, gc = c0 + chunk * 8;
-    const bool valid = gk < K && gc < cols;
-    cp_async_16(tile + row * kWidth + mn_swizzle(row, chunk) * 8,
-                valid ? src + gk * cols + gc : src, valid);
-  }
+  copy_rows_to_tile<BK, kWidth, Threads>(tile, src, k0, K, c0, cols,
+                                         [](int row, int chunk) { return mn_swizzle(row, chunk); });
 }
 
 /// Address in an MN-major [BK][kWidth] tile of element (k, col), col a multiple of 8 (Half:

@@ -103,6 +103,7 @@ struct DeviceCase {
   void forward() {
     qg::cuda::lora_train_forward(x.get(), a.get(), b.get(), shape, y.get(), u.get(),
                                  workspace.get(), workspace_bytes, nullptr);
+    QG_CUDA_CHECK(cudaDeviceSynchronize());
   }
   /// Backward from dx = dx0 (or zero), dA = dB = 0 into the outputs asked for.
   void backward(bool want_dx, bool want_da, bool want_db, bool dx_from_zero = false) {
@@ -151,7 +152,6 @@ TEST_CASE("GPU LoRA training forward and backward match the CPU reference", "[lo
       INFO(kernels_name(kernels));
       DeviceCase d(c, kernels);
       d.forward();
-      QG_CUDA_CHECK(cudaDeviceSynchronize());
       CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
       CHECK(relative_l2(qg::test::download_fp16(d.y, s.tokens, s.out).data, c.y) < 2e-3);
 
@@ -238,7 +238,6 @@ TEST_CASE("GPU LoRA training over packed examples draws each example's own mask"
     INFO(kernels_name(kernels));
     DeviceCase d(c, kernels);
     d.forward();
-    QG_CUDA_CHECK(cudaDeviceSynchronize());
     CHECK(relative_l2(d.u.download(), u) < 1e-5);
     CHECK(relative_l2(qg::test::download_fp16(d.y, T, O).data, y) < 2e-3);
     d.backward(true, true, true);
@@ -347,7 +346,6 @@ TEST_CASE("GPU LoRA tensor-core passes keep fp32 accuracy at any factor size", "
       INFO(kernels_name(kernels));
       DeviceCase d(c, kernels);
       d.forward();
-      QG_CUDA_CHECK(cudaDeviceSynchronize());
       CHECK(relative_l2(d.u.download(), c.u) < 1e-5);
       d.backward(true, true, true);
       CHECK(relative_l2(qg::test::download_fp16(d.dx, 300, 1032).data, c.dx) < 2e-3);
