@@ -303,6 +303,17 @@ struct CudaModelGrad::Impl {
     return false;
   }
 
+  // The lowest adapted (layer, target): the layer, and the target's index in the layer's
+  // forward order (0 query_key_value .. 3 dense_4h_to_h). The backward ends there.
+  std::pair<int, int> lowest_adapted() const {
+    for (int l = 0; l < L(); ++l) {
+      for (int t = 0; t < kTargets; ++t) {
+        if (slots[static_cast<std::size_t>(l)][t].present) return {l, t};
+      }
+    }
+    return {0, 0};  // unreachable: an adapter without factors is refused at construction
+  }
+
   /// Target t of `layer` over the whole packed batch: each example keeps ModelGrad's mask
   /// stream (seed of example e: seeds[e] * 0x9E3779B97F4A7C15 + layer * 4 + t + 1, drawn
   /// with the row index inside the example), through the per-row arrays of begin_batch.
@@ -528,23 +539,34 @@ struct CudaModelGrad::Impl {
                         T, N, K, e, stream);
     };
 
+    // In the lowest adapted layer the backward ends with its first adapted target: nothing
+    // below it is trained (the embeddings are frozen), so that target's dx and every gradient
+    // under it are skipped. last(t): target t is where this layer's backward ends.
+    const auto [low_layer, low_target] = lowest_adapted();
+    auto last = [&, low_layer = low_layer, low_target = low_target](int t) {
+      return l == low_layer && t == low_target;
+    };
+
     // x' = m * alpha + gelu(f) W2^T + b2 + lora(g)         (dout holds dx')
-    timed("bwd gemm_nn", [&] { nn(dout, w.w2, dg, I(), H(), nullptr); });
+    if (!last(3)) timed("bwd gemm_nn", [&] { nn(dout, w.w2, dg, I(), H(), nullptr); });
     if (slots[static_cast<std::size_t>(l)][3].present) {
       timed("gelu", [&] { cuda::gelu_tanh_out(s.f, T * I(), g, stream); });
-      timed("bwd lora", [&] { lora_backward(l, 3, g, s.u[3], dout, dg); });
+      timed("bwd lora", [&] { lora_backward(l, 3, g, s.u[3], dout, last(3) ? nullptr : dg); });
     }
+    if (last(3)) return;
     timed("gelu", [&] { cuda::gelu_tanh_backward(s.f, dg, T * I(), dg, stream); });  // df
-    timed("bwd gemm_nn", [&] { nn(dg, w.w1, dm, H(), I(), dout); });  // df W1 + alpha dout
-    timed("bwd lora", [&] { lora_backward(l, 2, s.m, s.u[2], dg, dm); });
+    if (!last(2)) timed("bwd gemm_nn", [&] { nn(dg, w.w1, dm, H(), I(), dout); });   // + alpha dout
+    timed("bwd lora", [&] { lora_backward(l, 2, s.m, s.u[2], dg, last(2) ? nullptr : dm); });
+    if (last(2)) return;
     // m = LN2(h)
     timed("bwd layernorm", [&] {
       cuda::layer_norm_backward(s.h, half_ptr(w.ln2_w), s.mean2, s.rstd2, dm, T, H(), dh, nullptr,
                                 nullptr, stream);
     });
     // h = a * alpha + attn Wd^T + bd + lora(attn)
-    timed("bwd gemm_nn", [&] { nn(dh, w.dense_w, dattn, H(), H(), nullptr); });
-    timed("bwd lora", [&] { lora_backward(l, 1, s.attn, s.u[1], dh, dattn); });
+    if (!last(1)) timed("bwd gemm_nn", [&] { nn(dh, w.dense_w, dattn, H(), H(), nullptr); });
+    timed("bwd lora", [&] { lora_backward(l, 1, s.attn, s.u[1], dh, last(1) ? nullptr : dattn); });
+    if (last(1)) return;
     timed("bwd attention", [&] {
       cuda::attention_train_backward(s.qkv, s.attn, s.lse, dattn, attention, heads(), head_dim(),
                                      dqkv, attn_ws, attn_ws_bytes, stream);
@@ -553,8 +575,10 @@ struct CudaModelGrad::Impl {
       cuda::glm_rotary_qkv(dqkv, T, heads(), head_dim(), d_positions, d_block_positions, true,
                            stream);
     });
-    timed("bwd gemm_nn", [&] { nn(dqkv, w.qkv_w, da, H(), 3 * H(), dh); });  // + alpha dh
-    timed("bwd lora", [&] { lora_backward(l, 0, s.a, s.u[0], dqkv, da); });
+    if (!last(0))
+      timed("bwd gemm_nn", [&] { nn(dqkv, w.qkv_w, da, H(), 3 * H(), dh); });  // + alpha dh
+    timed("bwd lora", [&] { lora_backward(l, 0, s.a, s.u[0], dqkv, last(0) ? nullptr : da); });
+    if (last(0)) return;
     // a = LN1(x): the layer input's gradient becomes the next dout.
     timed("bwd layernorm", [&] {
       cuda::layer_norm_backward(x, half_ptr(w.ln1_w), s.mean1, s.rstd1, da, T, H(), dout, nullptr,
@@ -567,7 +591,7 @@ struct CudaModelGrad::Impl {
     // The cross-entropy left dnormed in dm.
     cuda::layer_norm_backward(xs[static_cast<std::size_t>(L())], half_ptr(final_w), mean_f,
                               rstd_f, dm, T, H(), dout, nullptr, nullptr, stream);
-    for (int l = L() - 1; l >= 0; --l) layer_backward(l);
+    for (int l = L() - 1; l >= lowest_adapted().first; --l) layer_backward(l);
   }
 
   void zero_grads() {

@@ -1,9 +1,9 @@
 // The GPU LoRA training step (train/cuda_model_grad.h) against the CPU reference ModelGrad:
 // packed micro-batches of several examples give the loss and every LoRA gradient of the sum
 // of per-example reference gradients (same dropout masks), within fp16 tolerance; the loss
-// scale cancels; checkpointing changes nothing; the LoRA term inside the base GEMM, chained
-// launches (PDL) and the LoRA passes on tensor cores change only rounding; evaluation NLLs
-// match; bad input is refused.
+// scale cancels; checkpointing changes nothing; the backward ends at the lowest adapted target
+// (four placements); the LoRA term inside the base GEMM, chained launches (PDL) and the LoRA
+// passes on tensor cores change only rounding; evaluation NLLs match; bad input is refused.
 // Then the Trainer on the GPU: it starts from the CPU loss, and LoRA training drives a
 // memorisation task's loss down.
 #include <cmath>
@@ -63,15 +63,19 @@ model::GlmModel::WeightSource store_source(const io::WeightStore& store) {
   };
 }
 
-lora::LoraAdapter dropout_adapter(const io::ModelConfig& c) {
-  lora::LoraAdapter a = test::random_adapter(
-      c, {LoraTarget::QueryKeyValue, LoraTarget::Dense, LoraTarget::DenseHTo4H,
-          LoraTarget::Dense4HToH},
-      4, 31);
+/// Random factors of rank 4 on `targets` of `layers` (empty: every layer), dropout 0.1.
+lora::LoraAdapter dropout_adapter(
+    const io::ModelConfig& c,
+    const std::vector<LoraTarget>& targets = {LoraTarget::QueryKeyValue, LoraTarget::Dense,
+                                              LoraTarget::DenseHTo4H, LoraTarget::Dense4HToH},
+    const std::vector<int>& layers = {}) {
+  lora::LoraAdapter a = test::random_adapter(c, targets, 4, 31);
   lora::LoraConfig lc = a.config();
   lc.lora_dropout = 0.1;
+  lc.layers = layers;
   lora::LoraAdapter out(lc, c);
   for (int l = 0; l < c.num_layers; ++l) {
+    if (!lc.adapts_layer(l)) continue;
     for (LoraTarget t : lc.targets) {
       const lora::LoraFactors f = a.factors(l, t);
       const auto [in, o] = lora::target_features(t, c);
@@ -82,7 +86,27 @@ lora::LoraAdapter dropout_adapter(const io::ModelConfig& c) {
   return out;
 }
 
-/// The gradient tests' tiny model on disk, its weights and an adapter with dropout.
+/// The CPU reference of a packed batch: the sum of per-example losses and gradients, each
+/// normalised over the whole batch's `scored` tokens, example k's dropout from seeds[k].
+train::LossAndGrad reference_batch(const train::ModelGrad& cpu,
+                                   const std::vector<TrainingExample>& examples,
+                                   const std::vector<std::uint64_t>& seeds, double scored) {
+  train::LossAndGrad sum;
+  for (std::size_t k = 0; k < examples.size(); ++k) {
+    train::GradOptions o;
+    o.dropout_seed = seeds[k];
+    o.cross_entropy.normalizer = scored;
+    const train::LossAndGrad r = cpu.loss_and_grad(examples[k], o);
+    sum.loss += r.loss;
+    for (const auto& [name, g] : r.grads) {
+      auto& total = sum.grads[name];
+      total.resize(g.size(), 0.0f);
+      for (std::size_t i = 0; i < g.size(); ++i) total[i] += g[i];
+    }
+  }
+  return sum;
+}
+
 struct GradModel {
   io::ModelConfig c = grad_config();
   std::filesystem::path dir = test::tiny_model_dir("cuda-grad", 5, c);
@@ -108,21 +132,9 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
   }
   const std::vector<std::uint64_t> seeds = {11, 12, 13};
 
-  // Reference: the sum of per-example gradients, loss normalised over the whole batch.
-  double cpu_loss = 0;
-  std::map<std::string, std::vector<float>> cpu_grads;
-  for (std::size_t k = 0; k < examples.size(); ++k) {
-    train::GradOptions o;
-    o.dropout_seed = seeds[k];
-    o.cross_entropy.normalizer = scored;
-    const train::LossAndGrad r = cpu.loss_and_grad(examples[k], o);
-    cpu_loss += r.loss;
-    for (const auto& [name, g] : r.grads) {
-      auto& sum = cpu_grads[name];
-      sum.resize(g.size(), 0.0f);
-      for (std::size_t i = 0; i < g.size(); ++i) sum[i] += g[i];
-    }
-  }
+  const train::LossAndGrad reference = reference_batch(cpu, examples, seeds, scored);
+  const double cpu_loss = reference.loss;
+  const std::map<std::string, std::vector<float>>& cpu_grads = reference.grads;
 
   struct Variant {
     bool checkpoint, lora_in_gemm, lora_tensor_cores;
@@ -145,6 +157,45 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
     for (const std::string& name : cpu.trainable()) {
       INFO(name);
       CHECK(relative_l2(r.grads.at(name), cpu_grads.at(name)) < 3e-2);
+    }
+  }
+}
+
+TEST_CASE("GPU LoRA backward ends at the lowest adapted target and still matches the CPU",
+          "[cuda][train]") {
+  // Nothing below the lowest adapted (layer, target) is trained, so the backward skips that
+  // target's input gradient and everything under it: each of the four places it can end.
+  const io::ModelConfig c = grad_config();
+  const auto dir = test::tiny_model_dir("cuda-grad-lowest", 5, c);
+  const io::WeightStore store = io::WeightStore::open(dir);
+  const std::vector<TrainingExample> examples = {example(c, 7, 9, 1), example(c, 30, 12, 3)};
+  const std::vector<const TrainingExample*> batch = {&examples[0], &examples[1]};
+  const std::vector<std::uint64_t> seeds = {21, 22};
+  const double scored = examples[0].scored_tokens() + examples[1].scored_tokens();
+  struct Placement {
+    std::vector<LoraTarget> targets;
+    std::vector<int> layers;
+  };
+  for (const auto& [targets, layers] :
+       {Placement{{LoraTarget::Dense4HToH}, {1}}, Placement{{LoraTarget::DenseHTo4H}, {}},
+        Placement{{LoraTarget::Dense, LoraTarget::Dense4HToH}, {}},
+        Placement{{LoraTarget::QueryKeyValue, LoraTarget::DenseHTo4H}, {1}}}) {
+    const lora::LoraAdapter adapter = dropout_adapter(c, targets, layers);
+    const train::ModelGrad cpu = train::ModelGrad::lora(c, store, adapter);
+    const train::LossAndGrad want = reference_batch(cpu, examples, seeds, scored);
+    for (const bool checkpoint : {false, true}) {
+      train::CudaGradOptions options;
+      options.checkpoint_layers = checkpoint;
+      train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
+      const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
+      INFO("first target " << lora::target_module(targets[0]) << ", layers "
+                           << (layers.empty() ? "all" : "1") << ", checkpoint " << checkpoint);
+      CHECK(r.loss == Approx(want.loss).epsilon(1e-2));
+      REQUIRE(r.grads.size() == want.grads.size());
+      for (const auto& [name, grad] : want.grads) {
+        INFO(name);
+        CHECK(relative_l2(r.grads.at(name), grad) < 3e-2);
+      }
     }
   }
 }
