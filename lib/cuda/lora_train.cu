@@ -27,8 +27,9 @@
 // only (not on the GPU), so every GPU adds the same partials in the same order.
 //
 // The dropout mask is reference_backward.h's dropout_keep: element (t, j) of x is kept iff
-// (splitmix64(seed ^ splitmix64(t * in + j)) >> 40) / 2^24 >= p, i.e. iff the 24 hash bits are
-// >= ceil(p * 2^24), an integer compare that draws the CPU's mask bit for bit. Packed examples
+// (counter_bits32(splitmix64(seed), t * in + j) >> 8) / 2^24 >= p (qinggeng/counter_hash.h,
+// the same code on both sides), i.e. iff the 24 hash bits are >= ceil(p * 2^24), an integer
+// compare that draws the CPU's mask bit for bit. Each row's key is made once. Packed examples
 // (row_seed / row_position) use each row's own seed and row-in-example index.
 #include <algorithm>
 #include <cmath>

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "qinggeng/counter_hash.h"
+
 namespace qg::cuda::lora_pass {
 
 /// The dropout of one call (threshold 0: none).
@@ -63,22 +65,15 @@ void launch_mma_pass(const PassArgs& args, const PassGrid& grid, bool shrink, bo
 
 // ---- the dropout mask on the device ----
 
-__device__ __forceinline__ std::uint64_t splitmix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-/// The mask of one row: its seed and the index of its first element.
+/// The mask of one row: its stream key and the index of its first element.
 struct RowMask {
-  std::uint64_t seed = 0, base = 0;
+  std::uint64_t key = 0, base = 0;
 };
 
 __device__ __forceinline__ RowMask row_mask(const Dropout& d, std::int64_t t, std::int64_t width) {
   RowMask m;
   if (d.threshold == 0) return m;
-  m.seed = d.seed + (d.row_seed != nullptr ? d.row_seed[t] : 0);
+  m.key = splitmix64(d.seed + (d.row_seed != nullptr ? d.row_seed[t] : 0));
   const std::int64_t row = d.row_position != nullptr ? d.row_position[t] : t;
   m.base = static_cast<std::uint64_t>(row * width);
   return m;
@@ -88,7 +83,7 @@ __device__ __forceinline__ RowMask row_mask(const Dropout& d, std::int64_t t, st
 __device__ __forceinline__ float dropout_factor(const Dropout& d, const RowMask& m,
                                                 std::int64_t j) {
   if (d.threshold == 0) return 1.0f;
-  const auto bits = static_cast<std::uint32_t>(splitmix64(m.seed ^ splitmix64(m.base + j)) >> 40);
+  const std::uint32_t bits = counter_bits32(m.key, m.base + static_cast<std::uint64_t>(j)) >> 8;
   return bits >= d.threshold ? d.keep_scale : 0.0f;
 }
 

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "qinggeng/counter_hash.h"
 #include "qinggeng/error.h"
 #include "qinggeng/io/safetensors.h"
 
@@ -55,13 +56,6 @@ std::vector<TensorSpec> tensor_specs(const io::ModelConfig& config, bool tie_lm_
   specs.push_back({"transformer.final_layernorm.bias", {H}, 0.0f, 0.1f});
   if (!tie_lm_head) specs.push_back({"lm_head.weight", {V, H}, 0.0f, h_scale});
   return specs;
-}
-
-std::uint64_t splitmix64(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
 }
 
 // Random number `i` of stream `key`: uniform with mean 0 and variance 1 (cheap enough for

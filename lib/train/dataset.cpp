@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "io/json.h"
+#include "qinggeng/counter_hash.h"
 #include "qinggeng/error.h"
 #include "qinggeng/io/model_config.h"
 #include "qinggeng/text/glm_layout.h"
@@ -19,13 +20,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Hashing and a portable generator: std::shuffle and the std distributions differ between
 // standard libraries, and a resumed run must replay the same batches anywhere.
-
-std::uint64_t mix64(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 class Fnv1a {
  public:
@@ -48,11 +42,9 @@ class SplitMix64 {
  public:
   explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
   std::uint64_t next() {
+    const std::uint64_t z = splitmix64(state_);
     state_ += 0x9E3779B97F4A7C15ull;
-    std::uint64_t z = state_;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+    return z;
   }
   // Uniform in [0, n) without modulo bias.
   std::uint64_t below(std::uint64_t n) {
@@ -370,7 +362,7 @@ BatchPlanner::BatchPlanner(std::vector<int> lengths, const BatchPlanOptions& opt
 }
 
 std::vector<std::vector<std::size_t>> BatchPlanner::epoch_batches(std::uint64_t epoch) const {
-  SplitMix64 rng(mix64(options_.seed) ^ mix64(~epoch));
+  SplitMix64 rng(splitmix64(options_.seed) ^ splitmix64(~epoch));
   std::vector<std::size_t> order(lengths_.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   shuffle(order, rng);
@@ -442,7 +434,7 @@ DataSplit split_examples(const std::vector<TextExample>& examples, const SplitOp
     h.add(examples[i].prompt.data(), examples[i].prompt.size());
     h.add(std::uint64_t{0x1F});  // separates prompt and answer: ("ab","c") != ("a","bc")
     h.add(examples[i].answer.data(), examples[i].answer.size());
-    keys[i] = mix64(h.value() ^ mix64(options.seed));
+    keys[i] = splitmix64(h.value() ^ splitmix64(options.seed));
   }
   std::vector<bool> held(examples.size(), false);
   if (options.count > 0) {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "qinggeng/counter_hash.h"
 #include "qinggeng/error.h"
 #include "qinggeng/tensor/dtype.h"
 
@@ -100,13 +101,6 @@ void dropout_row(const float* x, const LoraShape& s, Index t, std::vector<float>
     const bool keep = dropout_keep(s.seed, static_cast<std::uint64_t>(t * s.in + i), s.dropout);
     row[static_cast<std::size_t>(i)] = keep ? x[t * s.in + i] * keep_scale : 0.0f;
   }
-}
-
-std::uint64_t splitmix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
 }
 
 }  // namespace
@@ -301,8 +295,8 @@ void glm_attention_backward(const float* q, const float* k, const float* v, cons
 
 bool dropout_keep(std::uint64_t seed, std::uint64_t index, float p) {
   if (p <= 0.0f) return true;
-  const std::uint64_t bits = splitmix64(seed ^ splitmix64(index));
-  const double uniform = static_cast<double>(bits >> 40) * (1.0 / 16777216.0);  // 24 bits
+  const std::uint32_t bits = counter_bits32(splitmix64(seed), index);
+  const double uniform = static_cast<double>(bits >> 8) * (1.0 / 16777216.0);  // 24 bits
   return uniform >= p;
 }
 

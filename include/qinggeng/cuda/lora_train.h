@@ -3,8 +3,8 @@
 // fp32 master copies the optimizer updates (tiny: rank x in, out x rank), read directly by the
 // kernels; activations are fp16 with fp32 accumulation; nothing larger than [tokens, rank] is
 // formed. The dropout mask is the counter-based one of reference_backward.h (dropout_keep:
-// splitmix64 of the seed and the element index t * in + i), so CPU and GPU draw the same mask
-// and the backward redraws it instead of storing it.
+// a hash of the seed and the element index t * in + i, qinggeng/counter_hash.h), so CPU and
+// GPU draw the same mask and the backward redraws it instead of storing it.
 #pragma once
 
 #include <cstddef>

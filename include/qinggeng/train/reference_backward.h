@@ -116,9 +116,10 @@ struct LoraShape {
 };
 
 /// \brief Whether element `index` (t * in + i for x [tokens, in]) survives dropout of
-/// probability p under `seed`: a counter-based hash (splitmix64), so the mask is reproducible,
-/// needs no state, and a GPU kernel can draw the identical mask. Kept elements are scaled by
-/// 1 / (1 - p) (inverted dropout).
+/// probability p under `seed`: iff the top 24 of counter_bits32(splitmix64(seed), index)
+/// (qinggeng/counter_hash.h), read as a fraction of 2^24, are >= p. A counter-based hash, so
+/// the mask is reproducible, needs no state, and a GPU kernel draws the identical mask. Kept
+/// elements are scaled by 1 / (1 - p) (inverted dropout).
 bool dropout_keep(std::uint64_t seed, std::uint64_t index, float p);
 
 /// \brief y [tokens, out] += scale * dropout(x) A^T B^T with A [rank, in], B [out, rank];
