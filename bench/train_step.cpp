@@ -1,9 +1,10 @@
 // LoRA training step of ChatGLM-6B shapes on one GPU (train/cuda_model_grad.h): random fp16
 // weights (28 layers, hidden 4096, vocab 130528), a micro-batch of 4 sequences x 512 tokens
 // packed, LoRA r 8 on query_key_value (MedicalGPT-zh's setting), with and without activation
-// checkpointing (first argument), and four LoRA variants (second argument, bits: 1 =
-// CudaGradOptions::lora_in_gemm, the forward term inside the base GEMM; 2 = lora_tensor_cores,
-// the LoRA passes on tensor cores). Reports tokens/s of forward + backward
+// checkpointing (first argument), and variants of the step (second argument, bits: 1 =
+// CudaGradOptions::lora_in_gemm, the LoRA forward term inside the base GEMM; 2 =
+// lora_tensor_cores, the LoRA passes on tensor cores; 4 = last_layer_labelled_rows, the last
+// layer after its attention on the labelled rows only). Reports tokens/s of forward + backward
 // (GPU work alone, and with the LoRA gradients copied back to the host as qg-train does), the
 // memory plan and the GPU memory in use after the step. QG_CUDA_PDL=1 times chained launches.
 #include <benchmark/benchmark.h>
@@ -58,6 +59,7 @@ void BM_TrainStepLora(benchmark::State& state) {
   const bool checkpoint = state.range(0) != 0;
   const bool lora_in_gemm = (state.range(1) & 1) != 0;
   const bool lora_tensor_cores = (state.range(1) & 2) != 0;
+  const bool labelled_rows = (state.range(1) & 4) != 0;
   const qg::io::ModelConfig c;  // the defaults are ChatGLM-6B's
   qg::lora::LoraConfig lc;
   lc.r = 8;
@@ -74,6 +76,7 @@ void BM_TrainStepLora(benchmark::State& state) {
   options.checkpoint_layers = checkpoint;
   options.lora_in_gemm = lora_in_gemm;
   options.lora_tensor_cores = lora_tensor_cores;
+  options.last_layer_labelled_rows = labelled_rows;
   const auto t0 = Clock::now();
   qg::model::RandomModelOptions weights;
   weights.dtype = qg::DType::F16;
@@ -111,16 +114,17 @@ void BM_TrainStepLora(benchmark::State& state) {
   const double flops = (checkpoint ? 3.0 : 2.0) * 2.0 * 6.2e9 * tokens;
   qg::bench::table_row(
       "LoRA train step (ChatGLM-6B shapes, 4 x 512 tokens, r 8 on query_key_value)",
-      {"checkpointing", "LoRA forward term", "LoRA passes", "ms / step", "tokens / s",
+      {"checkpointing", "LoRA forward term", "LoRA passes", "last layer rows", "ms / step", "tokens / s",
        "with grad copy: tokens / s", "TFLOP/s (model)", "GPU GiB used", "memory plan"},
       {checkpoint ? "yes" : "no", lora_in_gemm ? "in the GEMM" : "own pass",
-       lora_tensor_cores ? "tensor cores" : "SIMT", qg::bench::cell(ms, 1),
+       lora_tensor_cores ? "tensor cores" : "SIMT", labelled_rows ? "labelled" : "all",
+       qg::bench::cell(ms, 1),
        qg::bench::cell(tokens / (ms / 1e3), 0), qg::bench::cell(tokens / (with_copy / 1e3), 0),
        qg::bench::cell(flops / (ms / 1e3) / 1e12, 0), qg::bench::cell(used_gib(), 1), plan});
 }
 
 BENCHMARK(BM_TrainStepLora)
-    ->ArgsProduct({{0, 1}, {0, 1, 2, 3}})
+    ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 7}})
     ->Iterations(5)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);

@@ -2,10 +2,10 @@
 # One GPU-machine pass over what needs a GPU, in stages (all of them by default, in this order):
 #   tests    the whole CUDA test suite (qg_cuda_tests)
 #   kernels  the LoRA training kernels alone, SIMT and tensor cores (train/lora*)
-#   train    the training step, BM_TrainStepLora/<checkpointing>/<LoRA variant: bit 1 = forward
-#            term inside the base GEMM, bit 2 = LoRA passes on tensor cores>: every variant with
-#            chained launches (QG_CUDA_PDL) off, then variant 3 with and without checkpointing
-#            with them on
+#   train    the training step, BM_TrainStepLora/<checkpointing>/<variant: bit 1 = LoRA forward
+#            term inside the base GEMM, bit 2 = LoRA passes on tensor cores, bit 4 = last layer
+#            on the labelled rows>: variants 0 1 2 3 7 with chained launches (QG_CUDA_PDL)
+#            off, then variant 7 with and without checkpointing with them on
 #   models   whole-model decode and prefill, chained launches off and on
 #   profile  Nsight Compute on the LoRA training kernels of both kinds
 # It builds first (scripts/device-build.sh; incremental when BUILD_DIR is kept). Logs go to
@@ -41,9 +41,9 @@ for stage in $stages; do
       timeout 90 "$bench" --benchmark_filter='train/lora' > "$out/lora_kernels.txt" 2>&1
       logs+=("$out/lora_kernels.txt") ;;
     train)
-      QG_CUDA_PDL=0 timeout 200 "$bench" --benchmark_filter='TrainStepLora/0/' \
+      QG_CUDA_PDL=0 timeout 240 "$bench" --benchmark_filter='TrainStepLora/0/' \
         > "$out/train_pdl0.txt" 2>&1
-      QG_CUDA_PDL=1 timeout 100 "$bench" --benchmark_filter='TrainStepLora/./3' \
+      QG_CUDA_PDL=1 timeout 100 "$bench" --benchmark_filter='TrainStepLora/./7' \
         > "$out/train_pdl1.txt" 2>&1
       logs+=("$out/train_pdl0.txt" "$out/train_pdl1.txt") ;;
     models)

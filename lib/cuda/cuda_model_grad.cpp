@@ -162,6 +162,10 @@ struct CudaModelGrad::Impl {
   int* meta = nullptr;
   std::uint64_t* d_row_seed = nullptr;  // [T] LoRA dropout: seeds[e] * 0x9E3779B97F4A7C15
   std::int64_t* d_labelled_rows = nullptr;  // [<= T] the rows the cross-entropy computes
+  // options.last_layer_labelled_rows: the last layer's attention output and LayerNorm output
+  // on the labelled rows [T, H], and those rows' dropout seeds [T]
+  __half *attn_labelled = nullptr, *a_labelled = nullptr;
+  std::uint64_t* d_labelled_row_seed = nullptr;
   void* lora_ws = nullptr;
   __half *lora_u16 = nullptr, *lora_v16 = nullptr;  // the forward GEMMs' low-rank operands
   void* attn_ws = nullptr;
@@ -175,6 +179,7 @@ struct CudaModelGrad::Impl {
   int *d_positions = nullptr, *d_block_positions = nullptr, *d_ids = nullptr;
   std::int32_t* d_row_position = nullptr;  // LoRA dropout: the row within its example
   int* d_labelled_targets = nullptr;
+  std::int32_t* d_labelled_row_position = nullptr;  // the labelled rows' d_row_position
   bool dropout = true;
 
   Index H() const { return config.hidden_size; }
@@ -238,9 +243,14 @@ struct CudaModelGrad::Impl {
     mean_f = c.take<float>(T);
     rstd_f = c.take<float>(T);
     row_nll = c.take<float>(T);
-    meta = c.take<int>(5 * T + 2 * (T + 1));  // B <= T
+    meta = c.take<int>(6 * T + 2 * (T + 1));  // B <= T
     d_row_seed = c.take<std::uint64_t>(T);
     d_labelled_rows = c.take<std::int64_t>(T);
+    if (options.last_layer_labelled_rows) {
+      attn_labelled = c.take<__half>(T * H());
+      a_labelled = c.take<__half>(T * H());
+      d_labelled_row_seed = c.take<std::uint64_t>(T);
+    }
     lora_ws_bytes = 0;
     Index widest_out = 0;
     for (LoraTarget t : lora::kLoraTargets) {
@@ -276,7 +286,9 @@ struct CudaModelGrad::Impl {
       if (adapts(-1, t)) layer += static_cast<std::size_t>(T * lora_config.r) * 4;
     }
     const std::size_t inputs = static_cast<std::size_t>(L() + 1) * h2;
-    return inputs + (options.checkpoint_layers ? 1 : static_cast<std::size_t>(L())) * layer;
+    const std::size_t labelled = options.last_layer_labelled_rows ? 2 * h2 : 0;
+    return inputs + labelled +
+           (options.checkpoint_layers ? 1 : static_cast<std::size_t>(L())) * layer;
   }
 
   cuda::CrossEntropyTrainOptions ce_options() const {
@@ -303,6 +315,20 @@ struct CudaModelGrad::Impl {
     return false;
   }
 
+  // Whether `layer` runs its part after the attention on the labelled rows only
+  // (options.last_layer_labelled_rows; not when every row, or none, is labelled).
+  bool labelled_rows_only(int layer) const {
+    const auto n = static_cast<Index>(labelled_example.size());
+    return options.last_layer_labelled_rows && layer == L() - 1 && n > 0 && n < row_start.back();
+  }
+
+  // Rows of `layer`'s part after the attention (dense, LayerNorm 2, MLP): the labelled rows,
+  // gathered in row order, or all of them.
+  Index rows_after_attention(int layer) const {
+    return labelled_rows_only(layer) ? static_cast<Index>(labelled_example.size())
+                                     : row_start.back();
+  }
+
   // The lowest adapted (layer, target): the layer, and the target's index in the layer's
   // forward order (0 query_key_value .. 3 dense_4h_to_h). The backward ends there.
   std::pair<int, int> lowest_adapted() const {
@@ -320,7 +346,7 @@ struct CudaModelGrad::Impl {
   cuda::LoraTrainShape lora_shape(int layer, int t) const {
     const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
     cuda::LoraTrainShape shape;
-    shape.tokens = row_start.back();
+    shape.tokens = t > 0 ? rows_after_attention(layer) : row_start.back();
     shape.in = s.in;
     shape.out = s.out;
     shape.rank = lora_config.r;
@@ -329,6 +355,10 @@ struct CudaModelGrad::Impl {
     shape.seed = static_cast<std::uint64_t>(layer * 4 + t + 1);
     shape.row_seed = d_row_seed;
     shape.row_position = d_row_position;
+    if (t > 0 && labelled_rows_only(layer)) {
+      shape.row_seed = d_labelled_row_seed;
+      shape.row_position = d_labelled_row_position;
+    }
     shape.kernels = options.lora_tensor_cores ? cuda::LoraTrainKernels::TensorCores
                                               : cuda::LoraTrainKernels::Auto;
     return shape;
@@ -373,8 +403,9 @@ struct CudaModelGrad::Impl {
     row_start.assign(1, 0);
     // Per row: positions, block positions, ids, the row within its example (LoRA dropout) and
     // its example's dropout seed; per labelled row: the row, its target and its example.
-    std::vector<int> positions, block_positions, ids, row_position, context, labelled_targets;
-    std::vector<std::uint64_t> row_seed;
+    std::vector<int> positions, block_positions, ids, row_position, context, labelled_targets,
+        labelled_position;
+    std::vector<std::uint64_t> row_seed, labelled_seed;
     std::vector<std::int64_t> labelled_rows;
     labelled_example.clear();
     int longest = 0;
@@ -393,6 +424,8 @@ struct CudaModelGrad::Impl {
         labelled_rows.push_back(row_start.back() + t);
         labelled_targets.push_back(next[static_cast<std::size_t>(t)]);
         labelled_example.push_back(static_cast<int>(k));
+        labelled_position.push_back(t);
+        labelled_seed.push_back(row_seed.back());
       }
       ids.insert(ids.end(), e.input_ids.begin(), e.input_ids.end());
       context.push_back(e.context_length);
@@ -403,7 +436,7 @@ struct CudaModelGrad::Impl {
     reserve_tokens(T);
     std::vector<int> packed;  // meta's layout (carve)
     for (const auto* part : {&positions, &block_positions, &ids, &row_position, &row_start,
-                             &context, &labelled_targets}) {
+                             &context, &labelled_targets, &labelled_position}) {
       packed.insert(packed.end(), part->begin(), part->end());
     }
     QG_CUDA_CHECK(cudaMemcpyAsync(meta, packed.data(), packed.size() * sizeof(int),
@@ -414,6 +447,11 @@ struct CudaModelGrad::Impl {
     QG_CUDA_CHECK(cudaMemcpyAsync(d_labelled_rows, labelled_rows.data(),
                                   labelled_rows.size() * sizeof(std::int64_t),
                                   cudaMemcpyHostToDevice, stream));
+    if (d_labelled_row_seed != nullptr) {
+      QG_CUDA_CHECK(cudaMemcpyAsync(d_labelled_row_seed, labelled_seed.data(),
+                                    labelled_seed.size() * sizeof(std::uint64_t),
+                                    cudaMemcpyHostToDevice, stream));
+    }
     const auto B = static_cast<Index>(batch.size());
     d_positions = meta;
     d_block_positions = meta + T;
@@ -425,6 +463,7 @@ struct CudaModelGrad::Impl {
     attention.row_start = meta + 4 * T;
     attention.context_length = meta + 4 * T + B + 1;
     d_labelled_targets = meta + 4 * T + 2 * B + 1;
+    d_labelled_row_position = d_labelled_targets + labelled_targets.size();
     // The host vectors are pageable: each copy has completed when cudaMemcpyAsync returns.
     return T;
   }
@@ -454,13 +493,13 @@ struct CudaModelGrad::Impl {
       e.alpha = alpha;
       return e;
     };
-    // y = epilogue(in W^T) + target t's LoRA term, inside the GEMM or after it.
-    auto gemm = [&](int t, const __half* in, float* u, const Tensor& weight, __half* y, Index N,
-                    Index K, const cuda::GemmEpilogue& e) {
+    // y [M, N] = epilogue(in W^T) + target t's LoRA term, inside the GEMM or after it.
+    auto gemm = [&](int t, Index M, const __half* in, float* u, const Tensor& weight, __half* y,
+                    Index N, Index K, const cuda::GemmEpilogue& e) {
       cuda::GemmLowRank lora;
       if (options.lora_in_gemm) timed("fwd lora", [&] { lora = lora_term(l, t, in, u); });
       timed("fwd gemm", [&] {
-        cuda::gemm_f16(bits(in), static_cast<const std::uint16_t*>(weight.data()), y, false, T, N,
+        cuda::gemm_f16(bits(in), static_cast<const std::uint16_t*>(weight.data()), y, false, M, N,
                        K, e, lora, stream);
       });
       if (!options.lora_in_gemm) timed("fwd lora", [&] { lora_forward(l, t, in, y, u); });
@@ -470,7 +509,7 @@ struct CudaModelGrad::Impl {
       cuda::layer_norm_forward_stats(x, half_ptr(w.ln1_w), half_ptr(w.ln1_b), eps, T, H(), s.a,
                                      s.mean1, s.rstd1, stream);
     });
-    gemm(0, s.a, s.u[0], w.qkv_w, s.qkv, 3 * H(), H(), bias(w.qkv_b));
+    gemm(0, T, s.a, s.u[0], w.qkv_w, s.qkv, 3 * H(), H(), bias(w.qkv_b));
     timed("rotary", [&] {
       cuda::glm_rotary_qkv(s.qkv, T, heads(), head_dim(), d_positions, d_block_positions, false,
                            stream);
@@ -478,14 +517,26 @@ struct CudaModelGrad::Impl {
     timed("fwd attention", [&] {
       cuda::attention_train_forward(s.qkv, attention, heads(), head_dim(), s.attn, s.lse, stream);
     });
-    gemm(1, s.attn, s.u[1], w.dense_w, s.h, H(), H(), residual(w.dense_b, s.a));
+    // From here on, rows R: all, or the labelled ones gathered (labelled_rows_only).
+    const Index R = rows_after_attention(l);
+    const __half* attn = s.attn;
+    const __half* a = s.a;
+    if (labelled_rows_only(l)) {
+      timed("gather rows", [&] {
+        cuda::gather_rows(s.attn, T, H(), d_labelled_rows, R, attn_labelled, stream);
+        cuda::gather_rows(s.a, T, H(), d_labelled_rows, R, a_labelled, stream);
+      });
+      attn = attn_labelled;
+      a = a_labelled;
+    }
+    gemm(1, R, attn, s.u[1], w.dense_w, s.h, H(), H(), residual(w.dense_b, a));
     timed("fwd layernorm", [&] {
-      cuda::layer_norm_forward_stats(s.h, half_ptr(w.ln2_w), half_ptr(w.ln2_b), eps, T, H(), s.m,
+      cuda::layer_norm_forward_stats(s.h, half_ptr(w.ln2_w), half_ptr(w.ln2_b), eps, R, H(), s.m,
                                      s.mean2, s.rstd2, stream);
     });
-    gemm(2, s.m, s.u[2], w.w1, s.f, I(), H(), bias(w.b1));
-    timed("gelu", [&] { cuda::gelu_tanh_out(s.f, T * I(), g, stream); });
-    gemm(3, g, s.u[3], w.w2, out, H(), I(), residual(w.b2, s.m));
+    gemm(2, R, s.m, s.u[2], w.w1, s.f, I(), H(), bias(w.b1));
+    timed("gelu", [&] { cuda::gelu_tanh_out(s.f, R * I(), g, stream); });
+    gemm(3, R, g, s.u[3], w.w2, out, H(), I(), residual(w.b2, s.m));
   }
 
   // Every layer, the final norm and the cross-entropy; with `backward` the gradient of the
@@ -500,14 +551,22 @@ struct CudaModelGrad::Impl {
       layer_forward(l, xs[static_cast<std::size_t>(l)], acts_of(l),
                     xs[static_cast<std::size_t>(l) + 1]);
     }
+    // The last layer's output rows: all, or the labelled ones already gathered.
+    const Index R = rows_after_attention(L() - 1);
     cuda::layer_norm_forward_stats(xs[static_cast<std::size_t>(L())], half_ptr(final_w),
                                    half_ptr(final_b), static_cast<float>(config.layernorm_epsilon),
-                                   T, H(), normed, mean_f, rstd_f, stream);
+                                   R, H(), normed, mean_f, rstd_f, stream);
     const auto n = static_cast<Index>(labelled_example.size());
     cuda::CrossEntropyTrainOptions ce = ce_options();
     ce.normalizer = normalizer;
     ce.grad_scale = loss_scale;
     timed("cross-entropy", [&] {
+      if (R < T) {  // normed holds the labelled rows in order: dnormed is all of dm's R rows
+        cuda::cross_entropy_train(normed, half_ptr(lm_head), d_labelled_targets, n, H(),
+                                  config.vocab_size, ce, row_nll, backward ? dm : nullptr, nullptr,
+                                  ce_ws, ce_ws_bytes, stream);
+        return;
+      }
       if (backward) {
         QG_CUDA_CHECK(cudaMemsetAsync(dm, 0, static_cast<std::size_t>(T * H()) * 2, stream));
       }
@@ -530,13 +589,14 @@ struct CudaModelGrad::Impl {
     LayerActs& s = acts_of(l);
     // With checkpointing, recompute this layer's activations (its output goes to scratch).
     if (options.checkpoint_layers) layer_forward(l, x, s, dh);
-    auto nn = [&](const __half* dy, const Tensor& weight, __half* dx, Index N, Index K,
+    // dx [M, K] = dy [M, N] W (+ alpha res)
+    auto nn = [&](Index M, const __half* dy, const Tensor& weight, __half* dx, Index N, Index K,
                   const __half* res) {
       cuda::GemmNnEpilogue e;
       e.residual = res == nullptr ? nullptr : bits(res);
       e.alpha = alpha;
-      cuda::gemm_f16_nn(bits(dy), static_cast<const std::uint16_t*>(weight.data()), dx, false,
-                        T, N, K, e, stream);
+      cuda::gemm_f16_nn(bits(dy), static_cast<const std::uint16_t*>(weight.data()), dx, false, M, N,
+                        K, e, stream);
     };
 
     // In the lowest adapted layer the backward ends with its first adapted target: nothing
@@ -546,27 +606,49 @@ struct CudaModelGrad::Impl {
     auto last = [&, low_layer = low_layer, low_target = low_target](int t) {
       return l == low_layer && t == low_target;
     };
+    // The part after the attention has R rows (layer_forward); with the labelled rows only,
+    // dh and dattn are formed compact in da and dqkv (free until the attention backward) and
+    // scattered into zeroed full-height gradients.
+    const Index R = rows_after_attention(l);
+    const bool gathered = labelled_rows_only(l);
+    __half* dh_rows = gathered ? da : dh;
+    __half* dattn_rows = gathered ? dqkv : dattn;
 
     // x' = m * alpha + gelu(f) W2^T + b2 + lora(g)         (dout holds dx')
-    if (!last(3)) timed("bwd gemm_nn", [&] { nn(dout, w.w2, dg, I(), H(), nullptr); });
+    if (!last(3)) timed("bwd gemm_nn", [&] { nn(R, dout, w.w2, dg, I(), H(), nullptr); });
     if (slots[static_cast<std::size_t>(l)][3].present) {
-      timed("gelu", [&] { cuda::gelu_tanh_out(s.f, T * I(), g, stream); });
+      timed("gelu", [&] { cuda::gelu_tanh_out(s.f, R * I(), g, stream); });
       timed("bwd lora", [&] { lora_backward(l, 3, g, s.u[3], dout, last(3) ? nullptr : dg); });
     }
     if (last(3)) return;
-    timed("gelu", [&] { cuda::gelu_tanh_backward(s.f, dg, T * I(), dg, stream); });  // df
-    if (!last(2)) timed("bwd gemm_nn", [&] { nn(dg, w.w1, dm, H(), I(), dout); });   // + alpha dout
+    timed("gelu", [&] { cuda::gelu_tanh_backward(s.f, dg, R * I(), dg, stream); });  // df
+    if (!last(2))
+      timed("bwd gemm_nn", [&] { nn(R, dg, w.w1, dm, H(), I(), dout); });  // + alpha dout
     timed("bwd lora", [&] { lora_backward(l, 2, s.m, s.u[2], dg, last(2) ? nullptr : dm); });
     if (last(2)) return;
     // m = LN2(h)
     timed("bwd layernorm", [&] {
-      cuda::layer_norm_backward(s.h, half_ptr(w.ln2_w), s.mean2, s.rstd2, dm, T, H(), dh, nullptr,
-                                nullptr, stream);
+      cuda::layer_norm_backward(s.h, half_ptr(w.ln2_w), s.mean2, s.rstd2, dm, R, H(), dh_rows,
+                                nullptr, nullptr, stream);
     });
     // h = a * alpha + attn Wd^T + bd + lora(attn)
-    if (!last(1)) timed("bwd gemm_nn", [&] { nn(dh, w.dense_w, dattn, H(), H(), nullptr); });
-    timed("bwd lora", [&] { lora_backward(l, 1, s.attn, s.u[1], dh, last(1) ? nullptr : dattn); });
+    if (!last(1)) {
+      timed("bwd gemm_nn", [&] { nn(R, dh_rows, w.dense_w, dattn_rows, H(), H(), nullptr); });
+    }
+    timed("bwd lora", [&] {
+      lora_backward(l, 1, gathered ? attn_labelled : s.attn, s.u[1], dh_rows,
+                    last(1) ? nullptr : dattn_rows);
+    });
     if (last(1)) return;
+    if (gathered) {
+      timed("scatter rows", [&] {
+        const std::size_t bytes = static_cast<std::size_t>(T * H()) * 2;
+        QG_CUDA_CHECK(cudaMemsetAsync(dh, 0, bytes, stream));
+        QG_CUDA_CHECK(cudaMemsetAsync(dattn, 0, bytes, stream));
+        cuda::scatter_rows(dh_rows, R, H(), d_labelled_rows, dh, T, stream);
+        cuda::scatter_rows(dattn_rows, R, H(), d_labelled_rows, dattn, T, stream);
+      });
+    }
     timed("bwd attention", [&] {
       cuda::attention_train_backward(s.qkv, s.attn, s.lse, dattn, attention, heads(), head_dim(),
                                      dqkv, attn_ws, attn_ws_bytes, stream);
@@ -575,8 +657,9 @@ struct CudaModelGrad::Impl {
       cuda::glm_rotary_qkv(dqkv, T, heads(), head_dim(), d_positions, d_block_positions, true,
                            stream);
     });
-    if (!last(0))
-      timed("bwd gemm_nn", [&] { nn(dqkv, w.qkv_w, da, H(), 3 * H(), dh); });  // + alpha dh
+    if (!last(0)) {
+      timed("bwd gemm_nn", [&] { nn(T, dqkv, w.qkv_w, da, H(), 3 * H(), dh); });  // + alpha dh
+    }
     timed("bwd lora", [&] { lora_backward(l, 0, s.a, s.u[0], dqkv, last(0) ? nullptr : da); });
     if (last(0)) return;
     // a = LN1(x): the layer input's gradient becomes the next dout.
@@ -587,10 +670,10 @@ struct CudaModelGrad::Impl {
   }
 
   void backward() {
-    const Index T = row_start.back();
-    // The cross-entropy left dnormed in dm.
-    cuda::layer_norm_backward(xs[static_cast<std::size_t>(L())], half_ptr(final_w), mean_f,
-                              rstd_f, dm, T, H(), dout, nullptr, nullptr, stream);
+    // The cross-entropy left dnormed in dm (the last layer's R output rows).
+    cuda::layer_norm_backward(xs[static_cast<std::size_t>(L())], half_ptr(final_w), mean_f, rstd_f,
+                              dm, rows_after_attention(L() - 1), H(), dout, nullptr, nullptr,
+                              stream);
     for (int l = L() - 1; l >= lowest_adapted().first; --l) layer_backward(l);
   }
 

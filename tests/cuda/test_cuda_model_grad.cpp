@@ -2,8 +2,9 @@
 // packed micro-batches of several examples give the loss and every LoRA gradient of the sum
 // of per-example reference gradients (same dropout masks), within fp16 tolerance; the loss
 // scale cancels; checkpointing changes nothing; the backward ends at the lowest adapted target
-// (four placements); the LoRA term inside the base GEMM, chained launches (PDL) and the LoRA
-// passes on tensor cores change only rounding; evaluation NLLs match; bad input is refused.
+// (four placements); the last layer on the labelled rows only, the LoRA term inside the base
+// GEMM, chained launches (PDL) and the LoRA passes on tensor cores change only rounding;
+// evaluation NLLs match; bad input is refused.
 // Then the Trainer on the GPU: it starts from the CPU loss, and LoRA training drives a
 // memorisation task's loss down.
 #include <cmath>
@@ -137,21 +138,25 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
   const std::map<std::string, std::vector<float>>& cpu_grads = reference.grads;
 
   struct Variant {
-    bool checkpoint, lora_in_gemm, lora_tensor_cores;
+    bool checkpoint, lora_in_gemm, lora_tensor_cores, labelled_rows;
   };
-  for (const auto& [checkpoint, lora_in_gemm, lora_tensor_cores] :
-       {Variant{false, false, false}, Variant{true, false, false}, Variant{false, true, false},
-        Variant{true, true, false}, Variant{false, false, true}, Variant{true, true, true}}) {
+  for (const auto& [checkpoint, lora_in_gemm, lora_tensor_cores, labelled_rows] :
+       {Variant{false, false, false, false}, Variant{true, false, false, false},
+        Variant{false, true, false, false}, Variant{true, true, false, false},
+        Variant{false, false, true, false}, Variant{true, true, true, false},
+        Variant{false, false, false, true}, Variant{true, true, true, true}}) {
     train::CudaGradOptions options;
     options.checkpoint_layers = checkpoint;
     options.ce_row_chunk = 32;  // several chunks over the 106 rows
     options.lora_in_gemm = lora_in_gemm;
     options.lora_tensor_cores = lora_tensor_cores;
+    options.last_layer_labelled_rows = labelled_rows;
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     REQUIRE(gpu.trainable() == cpu.trainable());
     const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
     INFO("checkpoint " << checkpoint << ", LoRA term in the GEMM " << lora_in_gemm
-                       << ", LoRA on tensor cores " << lora_tensor_cores);
+                       << ", LoRA on tensor cores " << lora_tensor_cores
+                       << ", last layer on labelled rows " << labelled_rows);
     CHECK(r.loss == Approx(cpu_loss).epsilon(1e-2));
     CHECK(r.tokens == static_cast<std::int64_t>(scored));
     for (const std::string& name : cpu.trainable()) {
@@ -183,13 +188,16 @@ TEST_CASE("GPU LoRA backward ends at the lowest adapted target and still matches
     const lora::LoraAdapter adapter = dropout_adapter(c, targets, layers);
     const train::ModelGrad cpu = train::ModelGrad::lora(c, store, adapter);
     const train::LossAndGrad want = reference_batch(cpu, examples, seeds, scored);
-    for (const bool checkpoint : {false, true}) {
+    for (const auto& [checkpoint, labelled_rows] :
+         {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
       train::CudaGradOptions options;
       options.checkpoint_layers = checkpoint;
+      options.last_layer_labelled_rows = labelled_rows;
       train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
       const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
       INFO("first target " << lora::target_module(targets[0]) << ", layers "
-                           << (layers.empty() ? "all" : "1") << ", checkpoint " << checkpoint);
+                           << (layers.empty() ? "all" : "1") << ", checkpoint " << checkpoint
+                           << ", last layer on labelled rows " << labelled_rows);
       CHECK(r.loss == Approx(want.loss).epsilon(1e-2));
       REQUIRE(r.grads.size() == want.grads.size());
       for (const auto& [name, grad] : want.grads) {
@@ -229,6 +237,14 @@ TEST_CASE("GPU LoRA gradients: checkpointing and the loss scale change nothing, 
     o.lora_dropout = false;
     o.cross_entropy.normalizer = 1.0;
     CHECK(nll[k] == Approx(cpu.loss(examples[k], o)).epsilon(1e-2));
+  }
+  // The same with the last layer on the labelled rows only.
+  train::CudaGradOptions labelled;
+  labelled.last_layer_labelled_rows = true;
+  train::CudaModelGrad compact(c, store_source(store), adapter, 0, labelled);
+  const std::vector<double> compact_nll = compact.summed_nll(batch);
+  for (std::size_t k = 0; k < examples.size(); ++k) {
+    CHECK(compact_nll[k] == Approx(nll[k]).epsilon(1e-3));
   }
 
   // Bad input is refused with the field named.

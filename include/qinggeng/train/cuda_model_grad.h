@@ -46,6 +46,12 @@ struct CudaGradOptions {
   /// TensorCores: ranks up to 16) instead of fp32 FMAs. Same function within fp32 rounding;
   /// off by default until it is timed on a GPU.
   bool lora_tensor_cores = false;
+  /// Runs the last layer after its attention (dense, LayerNorm, MLP, their LoRA terms) and the
+  /// final LayerNorm on the labelled rows only: the prompt's rows there feed nothing but
+  /// logits that have no loss (their keys and values, which later rows attend to, come
+  /// before). About 40% of that work in MedicalGPT-zh's batches. Same function; off by
+  /// default until it is timed on a GPU.
+  bool last_layer_labelled_rows = false;
 };
 
 /// \brief Device memory of a training step, by purpose (bytes).
