@@ -53,12 +53,15 @@ for stage in $stages; do
         logs+=("$out/models_pdl$pdl.txt")
       done ;;
     profile)
-      timeout 150 ncu --kernel-name-base demangled -k 'regex:lora_(pass|mma)_kernel' -c 12 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats \
-        "$bench" --benchmark_filter='train/lora_qkv_r8(_mma)?/dropout=0.1/packed' \
-        > "$out/lora_ncu.txt" 2>&1
-      grep -E 'lora_(pass|mma)_kernel|Duration|Memory Throughput|DRAM Throughput|Achieved Occ|Registers Per' \
-        "$out/lora_ncu.txt" | head -80 ;;
+      # The first forward and backward of each kind: 2 passes each (with their sums).
+      for kind in lora_qkv_r8 lora_qkv_r8_mma; do
+        timeout 150 ncu --kernel-name-base demangled -k 'regex:lora_(pass|mma)_kernel' -c 4 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          "$bench" --benchmark_filter="train/$kind/dropout=0.1/packed" \
+          > "$out/ncu_$kind.txt" 2>&1
+        grep -E 'lora_(pass|mma)_kernel|Duration|Memory Throughput|DRAM Throughput|Achieved Occ|Registers Per' \
+          "$out/ncu_$kind.txt" | head -40
+      done ;;
     *) echo "unknown stage $stage (tests kernels train models profile)"; exit 2 ;;
   esac
 done
