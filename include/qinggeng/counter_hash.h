@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
-#define QG_HOST_DEVICE __host__ __device__ __forceinline__
+#define QG_HOST_DEVICE __host__ __device__ inline
 #else
 #define QG_HOST_DEVICE inline
 #endif

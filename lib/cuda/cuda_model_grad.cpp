@@ -158,7 +158,7 @@ struct CudaModelGrad::Impl {
          *dh = nullptr, *dattn = nullptr, *dqkv = nullptr, *da = nullptr;
   float *mean_f = nullptr, *rstd_f = nullptr, *row_nll = nullptr;
   // positions, block positions, ids, row positions [T each], row_start [B + 1], context
-  // lengths [B], labelled rows' targets [<= T]
+  // lengths [B], labelled rows' targets and row positions [<= T each]
   int* meta = nullptr;
   std::uint64_t* d_row_seed = nullptr;  // [T] LoRA dropout: seeds[e] * 0x9E3779B97F4A7C15
   std::int64_t* d_labelled_rows = nullptr;  // [<= T] the rows the cross-entropy computes

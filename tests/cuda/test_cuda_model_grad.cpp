@@ -169,7 +169,8 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
 TEST_CASE("GPU LoRA backward ends at the lowest adapted target and still matches the CPU",
           "[cuda][train]") {
   // Nothing below the lowest adapted (layer, target) is trained, so the backward skips that
-  // target's input gradient and everything under it: each of the four places it can end.
+  // target's input gradient and everything under it: each of the four places it can end, in
+  // the first layer and in the last (where the labelled-rows option also applies).
   const io::ModelConfig c = grad_config();
   const auto dir = test::tiny_model_dir("cuda-grad-lowest", 5, c);
   const io::WeightStore store = io::WeightStore::open(dir);
@@ -184,7 +185,8 @@ TEST_CASE("GPU LoRA backward ends at the lowest adapted target and still matches
   for (const auto& [targets, layers] :
        {Placement{{LoraTarget::Dense4HToH}, {1}}, Placement{{LoraTarget::DenseHTo4H}, {}},
         Placement{{LoraTarget::Dense, LoraTarget::Dense4HToH}, {}},
-        Placement{{LoraTarget::QueryKeyValue, LoraTarget::DenseHTo4H}, {1}}}) {
+        Placement{{LoraTarget::QueryKeyValue, LoraTarget::DenseHTo4H}, {1}},
+        Placement{{LoraTarget::Dense}, {1}}, Placement{{LoraTarget::DenseHTo4H}, {1}}}) {
     const lora::LoraAdapter adapter = dropout_adapter(c, targets, layers);
     const train::ModelGrad cpu = train::ModelGrad::lora(c, store, adapter);
     const train::LossAndGrad want = reference_batch(cpu, examples, seeds, scored);
@@ -257,8 +259,8 @@ TEST_CASE("GPU LoRA gradients: checkpointing and the loss scale change nothing, 
 }
 
 TEST_CASE(
-    "GPU LoRA step: the LoRA term in the GEMM, chained launches and tensor-core LoRA "
-    "passes change only rounding",
+    "GPU LoRA step: the LoRA term in the GEMM, chained launches, tensor-core LoRA passes and "
+    "the last layer on labelled rows change only rounding",
     "[cuda][train]") {
   const GradModel model;
   const auto& [c, dir, store, adapter] = model;
@@ -293,6 +295,20 @@ TEST_CASE(
       CHECK(relative_l2(grad, same_step.grads.at(name)) < 1e-5);
       // One fp16 rounding of y instead of two, and fp16 u and scale * B in the GEMM.
       CHECK(relative_l2(grad, base.grads.at(name)) < 1e-2);
+    }
+    CHECK(r.loss == Approx(base.loss).epsilon(1e-3));
+  }
+  // The last layer on the labelled rows only: the same rows through the same kernels (GEMMs
+  // with fewer rows may pick another tile shape), so the same function within rounding.
+  {
+    cuda::set_chained_launch(false);
+    train::CudaGradOptions options;
+    options.last_layer_labelled_rows = true;
+    train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
+    const auto r = gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
+    for (const auto& [name, grad] : r.grads) {
+      INFO("last layer on labelled rows: " << name);
+      CHECK(relative_l2(grad, base.grads.at(name)) < 2e-3);
     }
     CHECK(r.loss == Approx(base.loss).epsilon(1e-3));
   }
