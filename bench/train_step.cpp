@@ -114,12 +114,13 @@ void BM_TrainStepLora(benchmark::State& state) {
   const double flops = (checkpoint ? 3.0 : 2.0) * 2.0 * 6.2e9 * tokens;
   qg::bench::table_row(
       "LoRA train step (ChatGLM-6B shapes, 4 x 512 tokens, r 8 on query_key_value)",
-      {"checkpointing", "LoRA forward term", "LoRA passes", "last layer rows", "ms / step", "tokens / s",
-       "with grad copy: tokens / s", "TFLOP/s (model)", "GPU GiB used", "memory plan"},
+      {"checkpointing", "LoRA forward term", "LoRA passes", "last layer rows", "ms / step",
+       "tokens / s", "with grad copy: tokens / s", "TFLOP/s (model)", "GPU GiB used",
+       "memory plan"},
       {checkpoint ? "yes" : "no", lora_in_gemm ? "in the GEMM" : "own pass",
        lora_tensor_cores ? "tensor cores" : "SIMT", labelled_rows ? "labelled" : "all",
-       qg::bench::cell(ms, 1),
-       qg::bench::cell(tokens / (ms / 1e3), 0), qg::bench::cell(tokens / (with_copy / 1e3), 0),
+       qg::bench::cell(ms, 1), qg::bench::cell(tokens / (ms / 1e3), 0),
+       qg::bench::cell(tokens / (with_copy / 1e3), 0),
        qg::bench::cell(flops / (ms / 1e3) / 1e12, 0), qg::bench::cell(used_gib(), 1), plan});
 }
 

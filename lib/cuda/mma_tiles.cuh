@@ -91,10 +91,9 @@ __device__ __forceinline__ int swizzle_chunk(int row, int chunk) {
 /// chunk swizzle(row, chunk); rows >= rows_total and columns >= cols are zero-filled (cols and
 /// c0 multiples of 8).
 template <int Rows, int Width, int Threads, class Swizzle>
-__device__ __forceinline__ void copy_rows_to_tile(__half* tile, const __half* src,
-                                                  std::int64_t r0, std::int64_t rows_total,
-                                                  std::int64_t c0, std::int64_t cols,
-                                                  Swizzle&& swizzle) {
+__device__ __forceinline__ void copy_rows_to_tile(__half* tile, const __half* src, std::int64_t r0,
+                                                  std::int64_t rows_total, std::int64_t c0,
+                                                  std::int64_t cols, Swizzle&& swizzle) {
   constexpr int kChunks = Width / 8;
   static_assert((Rows * kChunks) % Threads == 0, "every thread copies the same number of chunks");
 #pragma unroll
@@ -114,8 +113,9 @@ template <int Rows, int BK, int Threads>
 __device__ __forceinline__ void copy_tile(__half* tile, const __half* src, std::int64_t r0,
                                           std::int64_t rows_total, std::int64_t k0,
                                           std::int64_t K) {
-  copy_rows_to_tile<Rows, BK, Threads>(tile, src, r0, rows_total, k0, K,
-                                       [](int row, int chunk) { return swizzle_chunk<BK>(row, chunk); });
+  copy_rows_to_tile<Rows, BK, Threads>(tile, src, r0, rows_total, k0, K, [](int row, int chunk) {
+    return swizzle_chunk<BK>(row, chunk);
+  });
 }
 
 // ---- shared-memory tiles stored MN-major: [BK rows (k)][kWidth halves] ----
