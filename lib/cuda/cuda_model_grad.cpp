@@ -345,6 +345,8 @@ struct CudaModelGrad::Impl {
   /// with the row index inside the example), through the per-row arrays of begin_batch.
   cuda::LoraTrainShape lora_shape(int layer, int t) const {
     const LoraSlot& s = slots[static_cast<std::size_t>(layer)][t];
+    // Targets after the attention see rows_after_attention(layer) rows.
+    const bool labelled = t > 0 && labelled_rows_only(layer);
     cuda::LoraTrainShape shape;
     shape.tokens = t > 0 ? rows_after_attention(layer) : row_start.back();
     shape.in = s.in;
@@ -353,12 +355,8 @@ struct CudaModelGrad::Impl {
     shape.scale = static_cast<float>(lora_config.scale());
     shape.dropout = dropout ? static_cast<float>(lora_config.lora_dropout) : 0.0f;
     shape.seed = static_cast<std::uint64_t>(layer * 4 + t + 1);
-    shape.row_seed = d_row_seed;
-    shape.row_position = d_row_position;
-    if (t > 0 && labelled_rows_only(layer)) {
-      shape.row_seed = d_labelled_row_seed;
-      shape.row_position = d_labelled_row_position;
-    }
+    shape.row_seed = labelled ? d_labelled_row_seed : d_row_seed;
+    shape.row_position = labelled ? d_labelled_row_position : d_row_position;
     shape.kernels = options.lora_tensor_cores ? cuda::LoraTrainKernels::TensorCores
                                               : cuda::LoraTrainKernels::Auto;
     return shape;
@@ -674,7 +672,8 @@ struct CudaModelGrad::Impl {
     cuda::layer_norm_backward(xs[static_cast<std::size_t>(L())], half_ptr(final_w), mean_f, rstd_f,
                               dm, rows_after_attention(L() - 1), H(), dout, nullptr, nullptr,
                               stream);
-    for (int l = L() - 1; l >= lowest_adapted().first; --l) layer_backward(l);
+    const int lowest = lowest_adapted().first;  // nothing below it is trained
+    for (int l = L() - 1; l >= lowest; --l) layer_backward(l);
   }
 
   void zero_grads() {
