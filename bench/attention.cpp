@@ -5,6 +5,8 @@
 // weights have evicted the cache. Times come from CUDA events around the kernels alone: the
 // stream is held at a host gate until every launch of the call is queued, so host launch
 // overhead (which CUDA graphs remove in the engine) is not counted.
+#include "qinggeng/cuda/attention.h"
+
 #include <benchmark/benchmark.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -13,8 +15,8 @@
 #include <memory>
 #include <vector>
 
+#include "cuda/attention_paths.h"
 #include "cuda/check.h"
-#include "qinggeng/cuda/attention.h"
 #include "qinggeng/cuda/kv_pool.h"
 
 namespace {
@@ -121,19 +123,23 @@ struct AttentionSetup {
 // ---- benchmarks ----
 
 /// Prefill of one sequence: range(0) tokens; range(1) = 1 for a full GLM prefix (every query
-/// sees every key), 0 for a causal mask (half the tiles skipped).
+/// sees every key), 0 for a causal mask (half the tiles skipped); range(2) the prefill kernel's
+/// tile configuration (cuda/attention_paths.h): 0 narrow, 1 wide.
 void BM_AttentionPrefill(benchmark::State& state) {
   const int n = static_cast<int>(state.range(0));
   const bool prefix = state.range(1) != 0;
+  qg::cuda::force_attention_prefill(state.range(2) != 0 ? qg::cuda::AttentionPrefillTiles::Wide
+                                                        : qg::cuda::AttentionPrefillTiles::Narrow);
   AttentionSetup setup(1, 0, n, prefix ? n : 0);
   const double seconds = time_kernels(state, [&](cudaStream_t s) { setup.run(s); });
+  qg::cuda::force_attention_prefill(qg::cuda::AttentionPrefillTiles::Auto);
   const double pairs = prefix ? double(n) * n : double(n) * (n + 1) / 2;
   state.counters["tokens/s"] = n / seconds;
   state.counters["TFLOP/s"] = 4.0 * kHeadDim * kHeads * pairs / seconds / 1e12;
 }
 BENCHMARK(BM_AttentionPrefill)
-    ->ArgsProduct({{512, 1024, 2048}, {1, 0}})
-    ->ArgNames({"tokens", "prefix"})
+    ->ArgsProduct({{512, 1024, 2048}, {1, 0}, {0, 1}})
+    ->ArgNames({"tokens", "prefix", "wide"})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

@@ -1,11 +1,13 @@
 // Training attention benchmarks at ChatGLM-6B's shape (32 heads x 128): attention_train_forward
 // and attention_train_backward (D = rowsum(dout * out) pass + key-block kernel) over packed
 // batches of equal sequences with the GLM prefix = half of each sequence, plus the in-place
-// rotary; a second table times the backward's tile configurations and dq reductions
-// (cuda/attention_train_paths.h). TFLOP/s counts only the visible (unmasked) query-key pairs:
-// forward 2 matmuls (4 * head_dim flops per pair and head), backward 5 (S, dP, dV, dK, dQ:
-// 10 * head_dim); the kernels also compute the masked part of the tiles on the mask's edge,
-// which is not counted.
+// rotary; two more tables time the backward's tile configurations and dq reductions and the
+// forward's tile configurations (cuda/attention_paths.h). TFLOP/s counts only the visible
+// (unmasked) query-key pairs: forward 2 matmuls (4 * head_dim flops per pair and head), backward 5
+// (S, dP, dV, dK, dQ: 10 * head_dim); the kernels also compute the masked part of the tiles on the
+// mask's edge, which is not counted.
+#include "qinggeng/cuda/attention_train.h"
+
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -14,8 +16,7 @@
 #include <vector>
 
 #include "bench_report.h"
-#include "cuda/attention_train_paths.h"
-#include "qinggeng/cuda/attention_train.h"
+#include "cuda/attention_paths.h"
 
 namespace qg::bench {
 namespace {
@@ -74,6 +75,11 @@ void bench_attention_train(benchmark::State& state, int seqs, int length) {
     cuda::attention_train_backward(h(qkv), h(out), lse, h(dout), b, kHeads, kHeadDim, h(dqkv),
                                    workspace, ws_bytes, nullptr);
   };
+  // With the rotary's backward (the inverse rotation of dq and dk) fused in.
+  auto backward_rotary = [&](int) {
+    cuda::attention_train_backward(h(qkv), h(out), lse, h(dout), b, kHeads, kHeadDim, h(dqkv),
+                                   workspace, ws_bytes, nullptr, {d_pos.data, d_bpos.data});
+  };
   // Rotary forward then inverse (leaves qkv as it was, up to rounding): two launches.
   auto rotary = [&](int) {
     cuda::glm_rotary_qkv(h(qkv), T, kHeads, kHeadDim, d_pos.data, d_bpos.data, false, nullptr);
@@ -92,24 +98,31 @@ void bench_attention_train(benchmark::State& state, int seqs, int length) {
   struct Variant {
     cuda::AttentionBackwardTiles tiles;
     cuda::AttentionBackwardDq dq;
+    bool rotary;
     const char* tiles_name;
     const char* dq_name;
   };
   const Variant variants[] = {
-      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::TileCounters, "auto",
+      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::TileCounters, false, "auto",
        "tile counters"},
-      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::SeparatePass, "auto",
+      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::TileCounters, true, "auto",
+       "tile counters, inverse rotary fused in"},
+      {cuda::AttentionBackwardTiles::Auto, cuda::AttentionBackwardDq::SeparatePass, false, "auto",
        "separate pass"},
-      {cuda::AttentionBackwardTiles::Narrow, cuda::AttentionBackwardDq::TileCounters,
+      {cuda::AttentionBackwardTiles::Narrow, cuda::AttentionBackwardDq::TileCounters, false,
        "narrow (64 keys x 32 queries)", "tile counters"},
-      {cuda::AttentionBackwardTiles::Narrow, cuda::AttentionBackwardDq::SeparatePass,
+      {cuda::AttentionBackwardTiles::Narrow, cuda::AttentionBackwardDq::SeparatePass, false,
        "narrow (64 keys x 32 queries)", "separate pass"}};
+  // Median of 5 timings of `run` after a warm-up.
+  const auto median_ms = [](const auto& run) {
+    time_ms(run, 2, nullptr);
+    std::vector<double> ms;
+    for (int i = 0; i < 5; ++i) ms.push_back(time_ms(run, kReps, nullptr));
+    return median(ms);
+  };
   for (const Variant& v : variants) {
     cuda::force_attention_train_backward(v.tiles, v.dq);
-    time_ms(backward, 2, nullptr);
-    std::vector<double> ms;
-    for (int i = 0; i < 5; ++i) ms.push_back(time_ms(backward, kReps, nullptr));
-    const double m = median(ms);
+    const double m = median_ms([&](int i) { v.rotary ? backward_rotary(i) : backward(i); });
     table_row("Training attention backward variants (32 heads x 128, GLM prefix = half)",
               {"batch, tiles, dq reduction", "backward ms", "backward TFLOP/s"},
               {std::to_string(seqs) + " x " + std::to_string(length) + ", " + v.tiles_name + ", " +
@@ -118,6 +131,19 @@ void bench_attention_train(benchmark::State& state, int seqs, int length) {
   }
   cuda::force_attention_train_backward(cuda::AttentionBackwardTiles::Auto,
                                        cuda::AttentionBackwardDq::TileCounters);
+  // The forward's tile configurations (cuda/attention_paths.h), each pinned in turn.
+  for (const auto tiles :
+       {cuda::AttentionPrefillTiles::Narrow, cuda::AttentionPrefillTiles::Wide}) {
+    cuda::force_attention_prefill(tiles);
+    const double m = median_ms(forward);
+    table_row("Training attention forward variants (32 heads x 128, GLM prefix = half)",
+              {"batch, tiles", "forward ms", "forward TFLOP/s"},
+              {std::to_string(seqs) + " x " + std::to_string(length) + ", " +
+                   (tiles == cuda::AttentionPrefillTiles::Wide ? "wide (128 queries, 32 a warp)"
+                                                               : "narrow (64 queries, 16 a warp)"),
+               cell(m, 3), cell(4.0 * kHeadDim * kHeads * pairs / (m * 1e-3) / 1e12, 1)});
+  }
+  cuda::force_attention_prefill(cuda::AttentionPrefillTiles::Auto);
   check_cuda(cudaGetLastError(), "benchmark launches");
   cudaFree(lse);
   cudaFree(workspace);

@@ -11,11 +11,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "bench_report.h"
+#include "cuda/attention_paths.h"
 #include "qinggeng/engine/generator.h"
 #include "qinggeng/model/random_init.h"
 
@@ -121,8 +122,13 @@ void BM_ModelDecode(benchmark::State& state) {
        qg::bench::cell(100 * weight_gbps / copy_gbps, 1), qg::bench::cell(used_gib(), 1)});
 }
 
+/// Prefill of range(0) tokens; range(1) the attention kernel's tiles (cuda/attention_paths.h):
+/// 0 narrow, 1 wide.
 void BM_ModelPrefill(benchmark::State& state) {
   const int length = static_cast<int>(state.range(0));
+  const bool wide = state.range(1) != 0;
+  qg::cuda::force_attention_prefill(wide ? qg::cuda::AttentionPrefillTiles::Wide
+                                         : qg::cuda::AttentionPrefillTiles::Narrow);
   auto& model = model_6b();
   const auto& c = model.config();
   const auto ids = prompt_ids(length, 1);
@@ -136,16 +142,23 @@ void BM_ModelPrefill(benchmark::State& state) {
     state.SetIterationTime(ms / 1e3);
     times.push_back(ms);
   }
+  qg::cuda::force_attention_prefill(qg::cuda::AttentionPrefillTiles::Auto);
   const double ms = qg::bench::median(times);
   state.counters["tokens_per_s"] = length / (ms / 1e3);
   const double tflops = 2.0 * 6.2e9 * length / (ms / 1e3) / 1e12;
   qg::bench::table_row("Model prefill (ChatGLM-6B shapes, one sequence, " + weight_format() + ")",
-                       {"prompt tokens", "ms", "tokens / s", "TFLOP/s (2 x 6.2e9 x n)", "GPU GiB used"},
-                       {std::to_string(length), qg::bench::cell(ms, 2), qg::bench::cell(length / (ms / 1e3), 0),
-                        qg::bench::cell(tflops, 0), qg::bench::cell(used_gib(), 1)});
+                       {"prompt tokens", "attention tiles", "ms", "tokens / s",
+                        "TFLOP/s (2 x 6.2e9 x n)", "GPU GiB used"},
+                       {std::to_string(length), wide ? "wide" : "narrow", qg::bench::cell(ms, 2),
+                        qg::bench::cell(length / (ms / 1e3), 0), qg::bench::cell(tflops, 0),
+                        qg::bench::cell(used_gib(), 1)});
 }
 
-BENCHMARK(BM_ModelPrefill)->Arg(1024)->Arg(2048)->Iterations(5)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_ModelPrefill)
+    ->ArgsProduct({{1024, 2048}, {0, 1}})
+    ->Iterations(5)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ModelDecode)
     ->ArgsProduct({{1, 4, 16, 64}, {128, 1024}, {1, 0}})
     ->Iterations(12)

@@ -4,9 +4,11 @@
 // checkpointing (first argument), and variants of the step (second argument, bits: 1 =
 // CudaGradOptions::lora_in_gemm, the LoRA forward term inside the base GEMM; 2 =
 // lora_tensor_cores, the LoRA passes on tensor cores; 4 = last_layer_labelled_rows, the last
-// layer after its attention on the labelled rows only). Reports tokens/s of forward + backward
+// layer after its attention on the labelled rows only; 8 = rotary_in_attention_backward, the
+// rotary's backward inside the attention backward). Reports tokens/s of forward + backward
 // (GPU work alone, and with the LoRA gradients copied back to the host as qg-train does), the
-// memory plan and the GPU memory in use after the step. QG_CUDA_PDL=1 times chained launches.
+// memory plan and the GPU memory in use after the step, and the step again with the attention
+// forward's wide tiles (cuda/attention_paths.h). QG_CUDA_PDL=1 times chained launches.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "bench_report.h"
+#include "cuda/attention_paths.h"
 #include "qinggeng/model/random_init.h"
 #include "qinggeng/train/cuda_model_grad.h"
 
@@ -60,6 +63,7 @@ void BM_TrainStepLora(benchmark::State& state) {
   const bool lora_in_gemm = (state.range(1) & 1) != 0;
   const bool lora_tensor_cores = (state.range(1) & 2) != 0;
   const bool labelled_rows = (state.range(1) & 4) != 0;
+  const bool fused_rotary = (state.range(1) & 8) != 0;
   const qg::io::ModelConfig c;  // the defaults are ChatGLM-6B's
   qg::lora::LoraConfig lc;
   lc.r = 8;
@@ -77,6 +81,7 @@ void BM_TrainStepLora(benchmark::State& state) {
   options.lora_in_gemm = lora_in_gemm;
   options.lora_tensor_cores = lora_tensor_cores;
   options.last_layer_labelled_rows = labelled_rows;
+  options.rotary_in_attention_backward = fused_rotary;
   const auto t0 = Clock::now();
   qg::model::RandomModelOptions weights;
   weights.dtype = qg::DType::F16;
@@ -103,9 +108,21 @@ void BM_TrainStepLora(benchmark::State& state) {
     full_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
     state.SetIterationTime(gpu_ms.back() / 1e3);
   }
+  // The same step with the attention forward's wide tiles (cuda/attention_paths.h).
+  std::vector<double> wide_ms;
+  qg::cuda::force_attention_prefill(qg::cuda::AttentionPrefillTiles::Wide);
+  grad->benchmark_step(batch, 1024.0f);  // warm-up
+  for (int i = 0; i < 5; ++i) {
+    const auto t = Clock::now();
+    grad->benchmark_step(batch, 1024.0f);
+    wide_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
+  }
+  qg::cuda::force_attention_prefill(qg::cuda::AttentionPrefillTiles::Auto);
   const double tokens = kSequences * kTokens;
   const double ms = qg::bench::median(gpu_ms), with_copy = qg::bench::median(full_ms);
+  const double wide = qg::bench::median(wide_ms);
   state.counters["tokens_per_s"] = tokens / (ms / 1e3);
+  state.counters["wide_attention_ms"] = wide;
   const std::string plan = grad->memory_plan(kSequences * kTokens).to_string();
   std::fprintf(stderr, "memory plan (%s): %s\n", checkpoint ? "checkpointing" : "no checkpointing",
                plan.c_str());
@@ -114,18 +131,19 @@ void BM_TrainStepLora(benchmark::State& state) {
   const double flops = (checkpoint ? 3.0 : 2.0) * 2.0 * 6.2e9 * tokens;
   qg::bench::table_row(
       "LoRA train step (ChatGLM-6B shapes, 4 x 512 tokens, r 8 on query_key_value)",
-      {"checkpointing", "LoRA forward term", "LoRA passes", "last layer rows", "ms / step",
-       "tokens / s", "with grad copy: tokens / s", "TFLOP/s (model)", "GPU GiB used",
-       "memory plan"},
+      {"checkpointing", "LoRA forward term", "LoRA passes", "last layer rows", "rotary backward",
+       "ms / step", "tokens / s", "with grad copy: tokens / s", "wide attention forward: ms / step",
+       "TFLOP/s (model)", "GPU GiB used", "memory plan"},
       {checkpoint ? "yes" : "no", lora_in_gemm ? "in the GEMM" : "own pass",
        lora_tensor_cores ? "tensor cores" : "SIMT", labelled_rows ? "labelled" : "all",
-       qg::bench::cell(ms, 1), qg::bench::cell(tokens / (ms / 1e3), 0),
-       qg::bench::cell(tokens / (with_copy / 1e3), 0),
-       qg::bench::cell(flops / (ms / 1e3) / 1e12, 0), qg::bench::cell(used_gib(), 1), plan});
+       fused_rotary ? "in the attention" : "own pass", qg::bench::cell(ms, 1),
+       qg::bench::cell(tokens / (ms / 1e3), 0), qg::bench::cell(tokens / (with_copy / 1e3), 0),
+       qg::bench::cell(wide, 1), qg::bench::cell(flops / (ms / 1e3) / 1e12, 0),
+       qg::bench::cell(used_gib(), 1), plan});
 }
 
 BENCHMARK(BM_TrainStepLora)
-    ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 7}})
+    ->ArgsProduct({{0, 1}, {0, 1, 2, 3, 7, 15}})
     ->Iterations(5)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # One GPU-machine pass over what needs a GPU, in stages (all of them by default, in this order):
 #   tests    the whole CUDA test suite (qg_cuda_tests)
-#   kernels  the LoRA training kernels alone, SIMT and tensor cores (train/lora*)
+#   kernels  the LoRA training kernels alone, SIMT and tensor cores (train/lora*), and the
+#            attention kernels' tile configurations (training forward and backward, prefill)
 #   train    the training step, BM_TrainStepLora/<checkpointing>/<variant: bit 1 = LoRA forward
 #            term inside the base GEMM, bit 2 = LoRA passes on tensor cores, bit 4 = last layer
-#            on the labelled rows>: variants 0 1 2 3 7 with chained launches (QG_CUDA_PDL)
-#            off, then variant 7 with and without checkpointing with them on
-#   models   whole-model decode and prefill, chained launches off and on
+#            on the labelled rows, bit 8 = rotary backward inside the attention backward>:
+#            variants 0 1 2 3 7 15 without checkpointing and chained launches (QG_CUDA_PDL)
+#            off, then variant 15 with and without checkpointing with them on; every variant
+#            is timed again with the attention forward's wide tiles (wide_attention_ms)
+#   models   whole-model decode and prefill (prefill with narrow and wide attention tiles),
+#            chained launches off and on
 #   profile  Nsight Compute on the LoRA training kernels of both kinds
 # It builds first (scripts/device-build.sh; incremental when BUILD_DIR is kept). Logs go to
 # $OUT (or ./out), one file per run, and a summary of the benchmark lines ends the output.
-# A run takes up to 10 minutes on a device call, so split the stages over two calls: build +
-# tests + kernels (about 4 minutes), then train + models (about 6; each training-step variant
-# builds a random 6B model, about 25 s).
+# A run takes up to 10 minutes on a device call, so split the stages over three calls: build +
+# tests + kernels (about 4 minutes), train (about 5; each training-step variant builds a random
+# 6B model, about 25 s), models (about 4). The build directory survives between calls only
+# while the machine stays warm.
 #   usage: scripts/device-verify.sh [BUILD_DIR] [STAGE...]
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,11 +44,13 @@ for stage in $stages; do
       tail -3 "$out/cuda_tests.txt" ;;
     kernels)
       timeout 90 "$bench" --benchmark_filter='train/lora' > "$out/lora_kernels.txt" 2>&1
-      logs+=("$out/lora_kernels.txt") ;;
+      timeout 120 "$bench" --benchmark_filter='attention_train/|AttentionPrefill/(1024|2048)/' \
+        --qg_markdown="$out/attention.md" > "$out/attention.txt" 2>&1
+      logs+=("$out/lora_kernels.txt" "$out/attention.txt") ;;
     train)
-      QG_CUDA_PDL=0 timeout 240 "$bench" --benchmark_filter='TrainStepLora/0/' \
+      QG_CUDA_PDL=0 timeout 300 "$bench" --benchmark_filter='TrainStepLora/0/' \
         > "$out/train_pdl0.txt" 2>&1
-      QG_CUDA_PDL=1 timeout 100 "$bench" --benchmark_filter='TrainStepLora/./7' \
+      QG_CUDA_PDL=1 timeout 120 "$bench" --benchmark_filter='TrainStepLora/./15' \
         > "$out/train_pdl1.txt" 2>&1
       logs+=("$out/train_pdl0.txt" "$out/train_pdl1.txt") ;;
     models)
@@ -65,7 +72,8 @@ for stage in $stages; do
     *) echo "unknown stage $stage (tests kernels train models profile)"; exit 2 ;;
   esac
 done
+[ -f "$out/attention.md" ] && grep -A6 -E '^#+ .*(variants|Training attention)' "$out/attention.md"
 for f in "${logs[@]}"; do
   echo "== $(basename "$f")"
-  grep -E '^(BM_|train/)' "$f" | cut -c1-150
+  grep -E '^(BM_|train/|attention_train/)' "$f" | cut -c1-170
 done

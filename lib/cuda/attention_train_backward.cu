@@ -39,11 +39,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/attention_paths.h"
 #include "cuda/attention_tiles.cuh"
-#include "cuda/attention_train_paths.h"
 #include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/gemm_paths.h"
+#include "cuda/glm_rotary.cuh"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/attention_train.h"
 #include "qinggeng/error.h"
@@ -98,9 +99,72 @@ struct BackwardArgs {
   __half* dqkv;
 };
 
+// The rotary whose inverse dq and dk leave with (null positions: none); a kernel argument of
+// its own, which the kernels without the rotary never read.
+struct InverseRotary {
+  const int* positions;
+  const int* block_positions;
+  RotaryFreqs freqs;
+};
+
 std::size_t align256(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 // ---- CUDA kernels ----
+
+/// Eight fp32 dq accumulators from `from` times `scale`, rounded to fp16, read through L2 (other
+/// blocks added to them with atomics).
+__device__ __forceinline__ HalfVec<8> scaled_half8(const float* from, float scale) {
+  const float4 x = __ldcg(reinterpret_cast<const float4*>(from)),
+               y = __ldcg(reinterpret_cast<const float4*>(from) + 1);
+  const __half2 h[4] = {
+      __floats2half2_rn(x.x * scale, x.y * scale), __floats2half2_rn(x.z * scale, x.w * scale),
+      __floats2half2_rn(y.x * scale, y.y * scale), __floats2half2_rn(y.z * scale, y.w * scale)};
+  return *reinterpret_cast<const HalfVec<8>*>(h);
+}
+
+/// Turns (x1 at column `col` of a head, in the first quarter of its half; x2 at col + D / 4),
+/// already rounded to fp16 as the unfused step stores them, back by row `row`'s rotary angle:
+/// what glm_rotary_qkv(..., inverse = true) then does to the stored values, bit for bit.
+template <int D>
+__device__ __forceinline__ void inverse_rotate(const InverseRotary& a, std::int64_t row, int col,
+                                               __half& x1, __half& x2) {
+  const int pos = col < D / 2 ? a.positions[row] : a.block_positions[row];
+  float c, s;
+  rotary_cos_sin(pos, a.freqs.inv_freq[col % (D / 4)], -1.0f, c, s);
+  rotate_pair(__half2float(x1), __half2float(x2), c, s, x1, x2);
+}
+
+/// The q slice of dqkv for the rows i < kRows of a tile with first + i < end (row i at dq_base +
+/// i * row_stride), from the tile's fp32 accumulators (row i at acc_base + i * acc_stride) times
+/// `scale`, by `threads` threads from `tid`; with kRotate inverse-rotated by `rotary` (row i's
+/// position at first_row + i). Each thread converts 16-byte chunks, or pairs of them D / 4
+/// columns apart.
+template <int D, int kRows, bool kRotate>
+__device__ __forceinline__ void convert_dq_rows(float scale, const InverseRotary& rotary,
+                                                const float* acc_base, std::int64_t acc_stride,
+                                                __half* dq_base, std::int64_t row_stride,
+                                                std::int64_t first_row, int first, int end, int tid,
+                                                int threads) {
+  constexpr int kChunks = D / 8, kQuarterChunks = D / 32;
+  constexpr int kUnits = kRotate ? kChunks / 2 : kChunks;  // per row
+  for (int c = tid; c < kRows * kUnits; c += threads) {
+    const int row = c / kUnits, u = c % kUnits;
+    if (first + row >= end) break;
+    const int chunk = kRotate ? u / kQuarterChunks * 2 * kQuarterChunks + u % kQuarterChunks : u;
+    const float* from = acc_base + row * acc_stride + chunk * 8;
+    __half* to = dq_base + row * row_stride + chunk * 8;
+    HalfVec<8> x1 = scaled_half8(from, scale);
+    if constexpr (kRotate) {
+      HalfVec<8> x2 = scaled_half8(from + D / 4, scale);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        inverse_rotate<D>(rotary, first_row + row, chunk * 8 + k, x1.v[k], x2.v[k]);
+      }
+      *reinterpret_cast<HalfVec<8>*>(to + D / 4) = x2;
+    }
+    *reinterpret_cast<HalfVec<8>*>(to) = x1;
+  }
+}
 
 /// D[t, h] = dout[t, h] . out[t, h] with D / 8 threads per (row, head), one 16-byte chunk each;
 /// zeroes the row's tile counters (when given) and fp32 dq accumulators (when given).
@@ -138,24 +202,27 @@ __global__ void prepare_kernel(const __half* out, const __half* dout, std::int64
   }
 }
 
-/// Separate-pass reduction: the q slices of dqkv = dq_acc * scale, 8 values per thread.
+/// Separate-pass reduction: the q slices of dqkv = dq_acc * scale (inverse-rotated when
+/// rotary.positions is set); a block converts kFinishRows rows of one head (blockIdx.y).
+constexpr int kFinishRows = 32, kFinishThreads = 256;
+
 template <int D>
-__global__ void finish_kernel(const float* dq_acc, std::int64_t pairs, int heads, float scale,
-                              __half* dqkv) {
+__global__ void finish_kernel(const BackwardArgs a, const InverseRotary rotary, int tokens) {
   chain_release();
   chain_wait();
-  constexpr int kChunks = D / 8;
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= pairs * kChunks) return;
-  const std::int64_t pair = i / kChunks, row = pair / heads, head = pair % heads;
-  const int chunk = static_cast<int>(i % kChunks);
-  const float4* from = reinterpret_cast<const float4*>(dq_acc + pair * D + chunk * 8);
-  const float4 a = from[0], c = from[1];
-  const __half2 h[4] = {
-      __floats2half2_rn(a.x * scale, a.y * scale), __floats2half2_rn(a.z * scale, a.w * scale),
-      __floats2half2_rn(c.x * scale, c.y * scale), __floats2half2_rn(c.z * scale, c.w * scale)};
-  *reinterpret_cast<uint4*>(dqkv + row * 3 * heads * D + head * 3 * D + chunk * 8) =
-      *reinterpret_cast<const uint4*>(h);
+  const int t0 = static_cast<int>(blockIdx.x) * kFinishRows, head = static_cast<int>(blockIdx.y);
+  const std::int64_t acc_stride = static_cast<std::int64_t>(a.heads) * D,
+                     row_stride = 3 * acc_stride;
+  const float* acc = a.dq_acc + t0 * acc_stride + head * D;
+  __half* dq = a.dqkv + t0 * row_stride + head * 3 * D;
+  const int tid = static_cast<int>(threadIdx.x);
+  if (rotary.positions != nullptr) {
+    convert_dq_rows<D, kFinishRows, true>(a.scale, rotary, acc, acc_stride, dq, row_stride, t0, t0,
+                                          tokens, tid, kFinishThreads);
+  } else {
+    convert_dq_rows<D, kFinishRows, false>(a.scale, rotary, acc, acc_stride, dq, row_stride, t0, t0,
+                                           tokens, tid, kFinishThreads);
+  }
 }
 
 /// Loads kRows rows of D halves (row r at base + (first + r) * stride) into a padded tile;
@@ -266,8 +333,9 @@ __device__ __forceinline__ void atomic_add_pair(float* dst, float v0, float v1) 
 #endif
 }
 
-template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) backward_kernel(const BackwardArgs a) {
+template <class Cfg, bool kRotate>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    backward_kernel(const BackwardArgs a, const InverseRotary rotary) {
   chain_release();
   chain_wait();
   constexpr int D = Cfg::D, kKeys = Cfg::kKeys, kQueries = Cfg::kQueries;
@@ -447,7 +515,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) backward_kernel(const Backwa
     // Key blocks that see this tile: those starting at or before max(ctx - 1, q0).
     const int seen_by = min(max(ctx - 1, q0) / kKeys + 1, (n + kKeys - 1) / kKeys);
     __half* dq_base = a.dqkv + static_cast<std::int64_t>(r0 + q0) * row_stride + head * 3 * D;
-    if (seen_by == 1) {
+    if (seen_by == 1 && !kRotate) {  // (with the rotary: the general path)
       tiles::store_warp_tile(acc, dq_row0, dq_col0, lane,
                              [&](std::int64_t row, std::int64_t col, float v0, float v1) {
                                if (q0 + row < n) {
@@ -484,24 +552,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) backward_kernel(const Backwa
     }
     __syncthreads();
     if (sFlags[1]) {  // last contribution: the tile is complete, convert it
-      constexpr int kChunks = D / 8;
-      for (int c = tid; c < kQueries * kChunks; c += kThreads) {
-        const int row = c / kChunks, chunk = c % kChunks;
-        if (q0 + row >= n) break;
-        const float4* from =
-            reinterpret_cast<const float4*>(acc_base + row * out_stride + chunk * 8);
-        const float4 x = __ldcg(from), y = __ldcg(from + 1);
-        const float s = a.scale;
-        const __half2 h[4] = {
-            __floats2half2_rn(x.x * s, x.y * s), __floats2half2_rn(x.z * s, x.w * s),
-            __floats2half2_rn(y.x * s, y.y * s), __floats2half2_rn(y.z * s, y.w * s)};
-        *reinterpret_cast<uint4*>(dq_base + row * row_stride + chunk * 8) =
-            *reinterpret_cast<const uint4*>(h);
-      }
+      convert_dq_rows<D, kQueries, kRotate>(a.scale, rotary, acc_base, out_stride, dq_base,
+                                            row_stride, r0 + q0, q0, n, tid, kThreads);
     }
   }
 
-  // dK (times the softmax scale) and dV of this warp's keys into the k and v slices.
+  // dK (times the softmax scale; inverse-rotated with kRotate) and dV of this
+  // warp's keys into the k and v slices. With the rotary, fragment j in the first quarter of
+  // a half holds the x1 columns whose x2 partners (D / 4 columns on) are fragment j + D / 32.
+  constexpr int kPartner = D / 32;
 #pragma unroll
   for (int j = 0; j < kDFrags; ++j) {
 #pragma unroll
@@ -510,8 +569,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) backward_kernel(const Backwa
       if (key >= n) continue;
       __half* row =
           a.dqkv + static_cast<std::int64_t>(r0 + key) * row_stride + head * 3 * D + j * 8 + 2 * t;
-      *reinterpret_cast<__half2*>(row + D) =
-          __floats2half2_rn(dk[j][2 * h] * a.scale, dk[j][2 * h + 1] * a.scale);
+      if constexpr (!kRotate) {
+        *reinterpret_cast<__half2*>(row + D) =
+            __floats2half2_rn(dk[j][2 * h] * a.scale, dk[j][2 * h + 1] * a.scale);
+      } else if (j * 8 % (D / 2) < D / 4) {
+        const int p = (j + kPartner) % kDFrags;
+        __half2 x1 = __floats2half2_rn(dk[j][2 * h] * a.scale, dk[j][2 * h + 1] * a.scale);
+        __half2 x2 = __floats2half2_rn(dk[p][2 * h] * a.scale, dk[p][2 * h + 1] * a.scale);
+        inverse_rotate<D>(rotary, r0 + key, j * 8 + 2 * t, x1.x, x2.x);
+        inverse_rotate<D>(rotary, r0 + key, j * 8 + 2 * t + 1, x1.y, x2.y);
+        *reinterpret_cast<__half2*>(row + D) = x1;
+        *reinterpret_cast<__half2*>(row + D + D / 4) = x2;
+      }
       *reinterpret_cast<__half2*>(row + 2 * D) = __floats2half2_rn(dv[j][2 * h], dv[j][2 * h + 1]);
     }
   }
@@ -536,30 +605,32 @@ int max_shared_per_block() {
 }
 
 template <class Cfg>
-void launch_tiles(const BackwardArgs& args, cudaStream_t stream) {
-  opt_in_shared_memory(reinterpret_cast<const void*>(backward_kernel<Cfg>), Cfg::kSmemBytes);
+void launch_tiles(const BackwardArgs& args, const InverseRotary& rotary, cudaStream_t stream) {
+  auto* kernel =
+      rotary.positions != nullptr ? backward_kernel<Cfg, true> : backward_kernel<Cfg, false>;
+  opt_in_shared_memory(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
   // Key blocks vary slowest: the first blocks of every sequence, which see the most query
   // tiles, start first and the short causal-tail blocks fill in behind them.
   const dim3 grid(static_cast<unsigned>(args.heads), static_cast<unsigned>(args.b.num_seqs),
                   static_cast<unsigned>((args.b.max_seq_len + Cfg::kKeys - 1) / Cfg::kKeys));
-  launch_chained(backward_kernel<Cfg>, dim3(grid), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream,
-                 args);
+  launch_chained(kernel, dim3(grid), dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, args, rotary);
 }
 
 template <int D>
-void launch_backward(const BackwardArgs& args, cudaStream_t stream) {
+void launch_backward(const BackwardArgs& args, const InverseRotary& rotary, cudaStream_t stream) {
   using Wide = BackwardTiles<D, 128, 64>;
   using Narrow = BackwardTiles<D, 64, 32>;
   if (forced_tiles.load() == AttentionBackwardTiles::Auto &&
       Wide::kSmemBytes <= max_shared_per_block()) {
-    launch_tiles<Wide>(args, stream);
+    launch_tiles<Wide>(args, rotary, stream);
   } else {
-    launch_tiles<Narrow>(args, stream);
+    launch_tiles<Narrow>(args, rotary, stream);
   }
 }
 
 template <int D>
-void run_backward(const __half* out, BackwardArgs args, void* workspace, cudaStream_t stream) {
+void run_backward(const __half* out, BackwardArgs args, const InverseRotary& rotary,
+                  void* workspace, cudaStream_t stream) {
   const std::int64_t pairs = static_cast<std::int64_t>(args.b.total_tokens) * args.heads;
   const bool separate = forced_dq.load() == AttentionBackwardDq::SeparatePass;
   char* ws = static_cast<char*>(workspace);
@@ -574,10 +645,13 @@ void run_backward(const __half* out, BackwardArgs args, void* workspace, cudaStr
   launch_chained(prepare_kernel<D>, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
                  0, stream, out, args.dout, pairs, dvec, args.counters,
                  separate ? args.dq_acc : nullptr);
-  launch_backward<D>(args, stream);
+  launch_backward<D>(args, rotary, stream);
   if (separate) {
-    launch_chained(finish_kernel<D>, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
-                   0, stream, args.dq_acc, pairs, args.heads, args.scale, args.dqkv);
+    const int tokens = args.b.total_tokens;
+    launch_chained(finish_kernel<D>,
+                   dim3(static_cast<unsigned>((tokens + kFinishRows - 1) / kFinishRows),
+                        static_cast<unsigned>(args.heads)),
+                   dim3(kFinishThreads), 0, stream, args, rotary, tokens);
   }
 }
 
@@ -614,7 +688,8 @@ std::size_t attention_train_backward_workspace_bytes(int total_tokens, int heads
 void attention_train_backward(const __half* qkv, const __half* out, const float* lse,
                               const __half* dout, const TrainAttentionBatch& batch, int heads,
                               int head_dim, __half* dqkv, void* workspace,
-                              std::size_t workspace_bytes, cudaStream_t stream) {
+                              std::size_t workspace_bytes, cudaStream_t stream,
+                              const TrainRotaryPositions& inverse_rotary) {
   attn::check_train_attention_args(batch, heads, head_dim, "attention_train_backward");
   QG_CHECK(head_dim >= 32, "attention_train_backward: head_dim ", head_dim,
            " is not supported (32, 64 or 128)");
@@ -639,15 +714,23 @@ void attention_train_backward(const __half* qkv, const __half* out, const float*
   args.scale = 1.0f / sqrtf(static_cast<float>(head_dim));
   args.scale_log2 = args.scale * kLog2e;
   args.dqkv = dqkv;
+  QG_CHECK((inverse_rotary.positions == nullptr) == (inverse_rotary.block_positions == nullptr),
+           "attention_train_backward: inverse_rotary needs both positions and block_positions");
+  InverseRotary rotary{};
+  if (inverse_rotary.positions != nullptr) {
+    rotary.positions = inverse_rotary.positions;
+    rotary.block_positions = inverse_rotary.block_positions;
+    rotary.freqs = rotary_freqs(head_dim);
+  }
   switch (head_dim) {
     case 32:
-      run_backward<32>(out, args, workspace, stream);
+      run_backward<32>(out, args, rotary, workspace, stream);
       break;
     case 64:
-      run_backward<64>(out, args, workspace, stream);
+      run_backward<64>(out, args, rotary, workspace, stream);
       break;
     default:
-      run_backward<128>(out, args, workspace, stream);
+      run_backward<128>(out, args, rotary, workspace, stream);
       break;
   }
 }

@@ -647,14 +647,19 @@ struct CudaModelGrad::Impl {
         cuda::scatter_rows(dattn_rows, R, H(), d_labelled_rows, dattn, T, stream);
       });
     }
+    const bool fused_rotary = options.rotary_in_attention_backward;
     timed("bwd attention", [&] {
+      cuda::TrainRotaryPositions inverse_rotary;
+      if (fused_rotary) inverse_rotary = {d_positions, d_block_positions};
       cuda::attention_train_backward(s.qkv, s.attn, s.lse, dattn, attention, heads(), head_dim(),
-                                     dqkv, attn_ws, attn_ws_bytes, stream);
+                                     dqkv, attn_ws, attn_ws_bytes, stream, inverse_rotary);
     });
-    timed("rotary", [&] {
-      cuda::glm_rotary_qkv(dqkv, T, heads(), head_dim(), d_positions, d_block_positions, true,
-                           stream);
-    });
+    if (!fused_rotary) {
+      timed("rotary", [&] {
+        cuda::glm_rotary_qkv(dqkv, T, heads(), head_dim(), d_positions, d_block_positions, true,
+                             stream);
+      });
+    }
     if (!last(0)) {
       timed("bwd gemm_nn", [&] { nn(T, dqkv, w.qkv_w, da, H(), 3 * H(), dh); });  // + alpha dh
     }

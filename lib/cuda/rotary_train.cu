@@ -10,6 +10,7 @@
 
 #include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
+#include "cuda/glm_rotary.cuh"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/attention_train.h"
 #include "qinggeng/error.h"
@@ -18,13 +19,9 @@
 namespace qg::cuda {
 namespace {
 
-constexpr int kMaxQuarter = 32;  // head_dim / 4 for head_dim <= 128
+constexpr int kMaxQuarter = RotaryFreqs::kMaxQuarter;  // head_dim / 4 for head_dim <= 128
 constexpr int kThreads = 256;
 constexpr int kRows = 4;  // rows per block
-
-struct RotaryFreqs {
-  float inv_freq[kMaxQuarter];
-};
 
 // ---- CUDA kernels ----
 
@@ -45,10 +42,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x; i < rows * 2 * quarter; i += blockDim.x) {
     const int r = i / (2 * quarter), which = i / quarter % 2, j = i % quarter;
     const int pos = which == 0 ? positions[row0 + r] : block_positions[row0 + r];
-    float s, c;
-    sincosf(static_cast<float>(pos) * f.inv_freq[j], &s, &c);
-    cos_t[r][which][j] = c;
-    sin_t[r][which][j] = sign * s;
+    rotary_cos_sin(pos, f.inv_freq[j], sign, cos_t[r][which][j], sin_t[r][which][j]);
   }
   __syncthreads();
   const int groups = quarter / kVec;
@@ -63,10 +57,8 @@ __global__ void __launch_bounds__(kThreads)
     HalfVec<kVec> e = *reinterpret_cast<const HalfVec<kVec>*>(x + quarter);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const float va = __half2float(a.v[k]), ve = __half2float(e.v[k]);
-      const float c = cos_t[r][which][j0 + k], s = sin_t[r][which][j0 + k];
-      a.v[k] = __float2half_rn(va * c - ve * s);
-      e.v[k] = __float2half_rn(ve * c + va * s);
+      rotate_pair(__half2float(a.v[k]), __half2float(e.v[k]), cos_t[r][which][j0 + k],
+                  sin_t[r][which][j0 + k], a.v[k], e.v[k]);
     }
     *reinterpret_cast<HalfVec<kVec>*>(x) = a;
     *reinterpret_cast<HalfVec<kVec>*>(x + quarter) = e;
@@ -77,6 +69,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- kernel launcher ----
 
+RotaryFreqs rotary_freqs(int head_dim) {
+  QG_CHECK(head_dim % 4 == 0 && head_dim >= 4 && head_dim / 4 <= kMaxQuarter, "head_dim ", head_dim,
+           " must be a multiple of 4 up to 128 for the rotary");
+  RotaryFreqs f{};
+  const std::vector<float> table = model::glm_rotary_inv_freq(head_dim / 2);
+  for (std::size_t j = 0; j < table.size(); ++j) f.inv_freq[j] = table[j];
+  return f;
+}
+
 void glm_rotary_qkv(__half* qkv, std::int64_t tokens, int heads, int head_dim,
                     const int* positions, const int* block_positions, bool inverse,
                     cudaStream_t stream) {
@@ -86,9 +87,7 @@ void glm_rotary_qkv(__half* qkv, std::int64_t tokens, int heads, int head_dim,
   QG_CHECK(head_dim % 4 == 0 && head_dim >= 4 && head_dim / 4 <= kMaxQuarter,
            "glm_rotary_qkv: head_dim ", head_dim, " must be a multiple of 4 up to 128");
   if (tokens == 0) return;
-  RotaryFreqs f{};
-  const std::vector<float> table = model::glm_rotary_inv_freq(head_dim / 2);
-  for (std::size_t j = 0; j < table.size(); ++j) f.inv_freq[j] = table[j];
+  const RotaryFreqs f = rotary_freqs(head_dim);
   const float sign = inverse ? -1.0f : 1.0f;
   const auto blocks = static_cast<unsigned>((tokens + kRows - 1) / kRows);
   const bool vec8 = head_dim % 32 == 0 && aligned16(qkv);  // quarters of 8k pairs: 16-byte units

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_pins.h"
 #include "catch.hpp"
 #include "fp16_device.h"
 #include "qinggeng/cuda/attention.h"
@@ -116,9 +117,9 @@ std::vector<HostMatrix> random_qkv(const std::vector<SeqSpec>& specs, int H, std
 }
 
 /// Runs the two-call protocol of run_attention on the CPU backend and on the GPU and returns
-/// the tolerance ratio of the second call's outputs.
+/// the tolerance ratio of the second call's outputs (the GPU's go to `gpu_out` when given).
 double compare_with_cpu(int heads, int head_dim, int block_size, const std::vector<SeqSpec>& specs,
-                        std::uint32_t seed) {
+                        std::uint32_t seed, HostMatrix* gpu_out = nullptr) {
   const qg::model::AttentionShape shape{heads, head_dim};
   const int H = heads * head_dim;
   std::vector<AttentionCase> cases;
@@ -142,6 +143,7 @@ double compare_with_cpu(int heads, int head_dim, int block_size, const std::vect
   }
   const HostMatrix got = gpu.step(seqs, qkv, second);
   REQUIRE(got.rows == expect.rows);
+  if (gpu_out != nullptr) *gpu_out = got;
   return qg::test::tolerance_ratio(got, expect, 2e-3, 2e-3);
 }
 
@@ -172,7 +174,16 @@ TEST_CASE("GPU prefill attention matches the CPU backend on mixed batches") {
     }
     INFO("heads " << c.heads << ", head_dim " << c.head_dim << ", block_size " << c.block_size
                   << ", sequences" << seqs);
-    CHECK(compare_with_cpu(c.heads, c.head_dim, c.block_size, c.seqs, seed++) <= 1.0);
+    // Both tile configurations of the prefill kernel, which agree bit for bit.
+    std::vector<HostMatrix> outs;
+    for (const auto tiles : qg::test::kPrefillTiles) {
+      INFO("prefill tiles " << qg::test::prefill_tiles_name(tiles));
+      const qg::test::PinnedAttentionPrefill pinned(tiles);
+      outs.emplace_back();
+      CHECK(compare_with_cpu(c.heads, c.head_dim, c.block_size, c.seqs, seed, &outs.back()) <= 1.0);
+    }
+    CHECK(outs[0].data == outs[1].data);
+    ++seed;
   }
 }
 

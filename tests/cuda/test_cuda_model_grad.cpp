@@ -138,25 +138,28 @@ TEST_CASE("GPU LoRA loss and gradients match the CPU reference on a packed batch
   const std::map<std::string, std::vector<float>>& cpu_grads = reference.grads;
 
   struct Variant {
-    bool checkpoint, lora_in_gemm, lora_tensor_cores, labelled_rows;
+    bool checkpoint, lora_in_gemm, lora_tensor_cores, labelled_rows, fused_rotary;
   };
-  for (const auto& [checkpoint, lora_in_gemm, lora_tensor_cores, labelled_rows] :
-       {Variant{false, false, false, false}, Variant{true, false, false, false},
-        Variant{false, true, false, false}, Variant{true, true, false, false},
-        Variant{false, false, true, false}, Variant{true, true, true, false},
-        Variant{false, false, false, true}, Variant{true, true, true, true}}) {
+  for (const auto& [checkpoint, lora_in_gemm, lora_tensor_cores, labelled_rows, fused_rotary] :
+       {Variant{false, false, false, false, false}, Variant{true, false, false, false, false},
+        Variant{false, true, false, false, false}, Variant{true, true, false, false, false},
+        Variant{false, false, true, false, false}, Variant{true, true, true, false, false},
+        Variant{false, false, false, true, false}, Variant{false, false, false, false, true},
+        Variant{true, true, true, true, true}}) {
     train::CudaGradOptions options;
     options.checkpoint_layers = checkpoint;
     options.ce_row_chunk = 32;  // several chunks over the 106 rows
     options.lora_in_gemm = lora_in_gemm;
     options.lora_tensor_cores = lora_tensor_cores;
     options.last_layer_labelled_rows = labelled_rows;
+    options.rotary_in_attention_backward = fused_rotary;
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     REQUIRE(gpu.trainable() == cpu.trainable());
     const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
     INFO("checkpoint " << checkpoint << ", LoRA term in the GEMM " << lora_in_gemm
                        << ", LoRA on tensor cores " << lora_tensor_cores
-                       << ", last layer on labelled rows " << labelled_rows);
+                       << ", last layer on labelled rows " << labelled_rows
+                       << ", rotary in the attention backward " << fused_rotary);
     CHECK(r.loss == Approx(cpu_loss).epsilon(1e-2));
     CHECK(r.tokens == static_cast<std::int64_t>(scored));
     for (const std::string& name : cpu.trainable()) {
@@ -259,8 +262,8 @@ TEST_CASE("GPU LoRA gradients: checkpointing and the loss scale change nothing, 
 }
 
 TEST_CASE(
-    "GPU LoRA step: the LoRA term in the GEMM, chained launches, tensor-core LoRA passes and "
-    "the last layer on labelled rows change only rounding",
+    "GPU LoRA step: the LoRA term in the GEMM, chained launches, tensor-core LoRA passes, "
+    "the last layer on labelled rows and the fused rotary backward change only rounding",
     "[cuda][train]") {
   const GradModel model;
   const auto& [c, dir, store, adapter] = model;
@@ -311,6 +314,20 @@ TEST_CASE(
       CHECK(relative_l2(grad, base.grads.at(name)) < 2e-3);
     }
     CHECK(r.loss == Approx(base.loss).epsilon(1e-3));
+  }
+  // The rotary's backward inside the attention backward: the same bits for dk (and dv), dq up
+  // to the order of its fp32 atomics, as the chained-launch comparison above.
+  {
+    cuda::set_chained_launch(false);
+    train::CudaGradOptions options;
+    options.rotary_in_attention_backward = true;
+    train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
+    const auto r = gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
+    CHECK(r.loss == base.loss);
+    for (const auto& [name, grad] : r.grads) {
+      INFO("rotary in the attention backward: " << name);
+      CHECK(relative_l2(grad, base.grads.at(name)) < 1e-5);
+    }
   }
   // The LoRA passes on tensor cores: u, v and the factor gradients within fp32 rounding, so
   // only fp16 roundings of y and dx may flip.

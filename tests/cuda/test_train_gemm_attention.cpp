@@ -1,7 +1,8 @@
 // Training kernels against the CPU reference of include/qinggeng/train/reference_backward.h on
 // fp16-rounded inputs: the backward GEMMs (dX = dY W on both kernel families, dW = dY^T X,
 // the residual and accumulate epilogues), the 2-D rotary on fused qkv rows, and GLM attention
-// forward (lse) and backward over packed sequences. (LayerNorm, gelu, embedding, LoRA and the
+// forward (lse; both tile configurations) and backward over packed sequences (also with the
+// rotary's backward fused in). (LayerNorm, gelu, embedding, LoRA and the
 // cross-entropy have their own files: test_train_ops.cpp, test_lora_train.cpp,
 // test_cross_entropy.cpp.) Gradients are compared by relative L2 error; bad arguments are
 // refused.
@@ -10,10 +11,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention_pins.h"
 #include "catch.hpp"
-#include "fp16_device.h"
-#include "cuda/attention_train_paths.h"
 #include "cuda/gemm_backward_paths.h"
+#include "fp16_device.h"
 #include "qinggeng/cuda/attention_train.h"
 #include "qinggeng/cuda/gemm_backward.h"
 #include "qinggeng/error.h"
@@ -45,20 +46,6 @@ DeviceBuffer<int> device_ints(const std::vector<int>& v) {
   b.upload(v);
   return b;
 }
-
-/// Pins the attention backward's configuration while it lives (Auto again afterwards, also
-/// when a check throws).
-struct PinnedAttentionBackward {
-  PinnedAttentionBackward(cuda::AttentionBackwardTiles tiles, cuda::AttentionBackwardDq dq) {
-    cuda::force_attention_train_backward(tiles, dq);
-  }
-  ~PinnedAttentionBackward() {
-    cuda::force_attention_train_backward(cuda::AttentionBackwardTiles::Auto,
-                                         cuda::AttentionBackwardDq::TileCounters);
-  }
-  PinnedAttentionBackward(const PinnedAttentionBackward&) = delete;
-  PinnedAttentionBackward& operator=(const PinnedAttentionBackward&) = delete;
-};
 
 }  // namespace
 
@@ -229,7 +216,17 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
         }
       }
     }
+    // GLM-style rotary positions of every row, for the fused inverse rotary below.
+    std::vector<int> positions, block_positions;
+    for (std::size_t s = 0; s < c.lengths.size(); ++s) {
+      const int ctx = c.contexts[s];
+      for (int t = 0; t < c.lengths[s]; ++t) {
+        positions.push_back(static_cast<int>(s) + (t < ctx ? t : std::max(ctx - 1, 0)));
+        block_positions.push_back(t < ctx ? 0 : t - ctx + 1);
+      }
+    }
     auto gstart = device_ints(row_start), gctx = device_ints(c.contexts);
+    auto gpos = device_ints(positions), gbpos = device_ints(block_positions);
     cuda::TrainAttentionBatch batch;
     batch.num_seqs = static_cast<int>(c.lengths.size());
     batch.total_tokens = T;
@@ -238,10 +235,26 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
     batch.context_length = gctx.get();
     DeviceMatrix gqkv(qkv), gout(T, H), gdout(dout), gdqkv(T, 3 * H);
     DeviceBuffer<float> glse(T * heads);
-    cuda::attention_train_forward(gqkv.buf.get(), batch, heads, hd, gout.buf.get(), glse.get(),
-                                  nullptr);
-    CHECK(relative_l2(gout.host().data, out) < 5e-3);
-    CHECK(relative_l2(download(glse), lse) < 1e-4);
+    // Both tile configurations; they agree bit for bit (same arithmetic per row, in the same
+    // order: a key tile a row cannot see changes neither its maximum nor its sums).
+    std::vector<float> first_out, first_lse;
+    for (const auto tiles : test::kPrefillTiles) {
+      INFO("prefill tiles " << test::prefill_tiles_name(tiles));
+      const test::PinnedAttentionPrefill pinned(tiles);
+      QG_CUDA_CHECK(cudaMemset(gout.buf.get(), 0xff, static_cast<std::size_t>(T) * H * 2));
+      cuda::attention_train_forward(gqkv.buf.get(), batch, heads, hd, gout.buf.get(), glse.get(),
+                                    nullptr);
+      const auto out_now = gout.host().data, lse_now = download(glse);
+      CHECK(relative_l2(out_now, out) < 5e-3);
+      CHECK(relative_l2(lse_now, lse) < 1e-4);
+      if (first_out.empty()) {
+        first_out = out_now;
+        first_lse = lse_now;
+      } else {
+        CHECK(out_now == first_out);
+        CHECK(lse_now == first_lse);
+      }
+    }
     // The backward reads the reference's out so only its own rounding is measured. Every tile
     // configuration and dq reduction runs, twice, on a workspace full of garbage.
     DeviceMatrix gref_out(test::round_to_fp16(HostMatrix{T, H, out}));
@@ -258,7 +271,7 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
         INFO("narrow tiles " << (tiles == cuda::AttentionBackwardTiles::Narrow)
                              << ", separate dq pass "
                              << (dq == cuda::AttentionBackwardDq::SeparatePass));
-        const PinnedAttentionBackward pinned(tiles, dq);
+        const test::PinnedAttentionBackward pinned(tiles, dq);
         for (int repeat = 0; repeat < 2; ++repeat) {
           QG_CUDA_CHECK(cudaMemset(gdqkv.buf.get(), 0xff, static_cast<std::size_t>(T) * 3 * H * 2));
           cuda::attention_train_backward(gqkv.buf.get(), gref_out.buf.get(), glse.get(),
@@ -270,7 +283,25 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
           CHECK(relative_l2(gk, rk) < 2e-2);
           CHECK(relative_l2(gv, rv) < 2e-2);
         }
+        // The rotary's backward fused in: what the separate inverse rotation makes of the
+        // result above, bit for bit for dk and dv (dq: up to the order of its fp32 atomics).
+        cuda::glm_rotary_qkv(gdqkv.buf.get(), T, heads, hd, gpos.get(), gbpos.get(), true, nullptr);
+        std::vector<float> wq, wk, wv, fq, fk, fv;
+        split_qkv(gdqkv.host(), 0, T, heads, hd, wq, wk, wv);
+        QG_CUDA_CHECK(cudaMemset(gdqkv.buf.get(), 0xff, static_cast<std::size_t>(T) * 3 * H * 2));
+        cuda::attention_train_backward(gqkv.buf.get(), gref_out.buf.get(), glse.get(),
+                                       gdout.buf.get(), batch, heads, hd, gdqkv.buf.get(),
+                                       work.get(), ws, nullptr, {gpos.get(), gbpos.get()});
+        split_qkv(gdqkv.host(), 0, T, heads, hd, fq, fk, fv);
+        CHECK(fk == wk);
+        CHECK(fv == wv);
+        CHECK(relative_l2(fq, wq) < 1e-3);
       }
     }
+    CHECK_THROWS_WITH(
+        cuda::attention_train_backward(gqkv.buf.get(), gref_out.buf.get(), glse.get(),
+                                       gdout.buf.get(), batch, heads, hd, gdqkv.buf.get(),
+                                       work.get(), ws, nullptr, {gpos.get(), nullptr}),
+        QG_CONTAINS("block_positions"));
   }
 }

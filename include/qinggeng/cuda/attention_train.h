@@ -7,7 +7,8 @@
 // head_dim] with, per head, consecutive q, k and v slices of head_dim; out and its gradient are
 // [T, heads * head_dim]. The 2-D rotary is its own in-place kernel (glm_rotary_qkv): the
 // forward rotates q and k of qkv before attention_train_forward; the backward rotates dq and dk
-// of dqkv back (the inverse rotation) after attention_train_backward.
+// of dqkv back (the inverse rotation) after attention_train_backward, or lets
+// attention_train_backward hand them back inverse-rotated (the same bits, one pass less).
 // fp16 storage, fp32 softmax statistics and accumulation; head_dim 16, 32, 64 or 128.
 #pragma once
 
@@ -26,6 +27,13 @@ struct TrainAttentionBatch {
   int max_seq_len = 0;                  ///< longest sequence (sizes the grid)
   const int* row_start = nullptr;       ///< [num_seqs + 1] first row of each sequence, then T
   const int* context_length = nullptr;  ///< [num_seqs] GLM prefix length, in [0, length]
+};
+
+/// \brief Each row's rotary positions (device int32 [total_tokens] each): the first half of a
+/// head turns by positions[t], the second by block_positions[t].
+struct TrainRotaryPositions {
+  const int* positions = nullptr;
+  const int* block_positions = nullptr;
 };
 
 /// \brief Rotates q and k of every row of `qkv` in place, rotate_half style within each half
@@ -57,9 +65,13 @@ std::size_t attention_train_backward_workspace_bytes(int total_tokens, int heads
 /// (overwritten, the qkv layout), with P recomputed from lse.
 /// \param dout [total_tokens, heads * head_dim] fp16 gradient of `out`
 /// \param workspace device memory of attention_train_backward_workspace_bytes(...)
+/// \param inverse_rotary when its positions are set, dq and dk come out turned back by the
+///        rotary of those positions: bit for bit what glm_rotary_qkv(dqkv, ..., inverse = true)
+///        would make of the unrotated result (both positions or neither).
 void attention_train_backward(const __half* qkv, const __half* out, const float* lse,
                               const __half* dout, const TrainAttentionBatch& batch, int heads,
                               int head_dim, __half* dqkv, void* workspace,
-                              std::size_t workspace_bytes, cudaStream_t stream);
+                              std::size_t workspace_bytes, cudaStream_t stream,
+                              const TrainRotaryPositions& inverse_rotary = {});
 
 }  // namespace qg::cuda

@@ -52,6 +52,10 @@ struct CudaGradOptions {
   /// before). About 40% of that work in MedicalGPT-zh's batches. Same function; off by
   /// default until it is timed on a GPU.
   bool last_layer_labelled_rows = false;
+  /// Lets the attention backward hand dq and dk back inverse-rotated (the rotary's backward)
+  /// instead of a separate pass over them. The same bits; off by default until it is timed on
+  /// a GPU.
+  bool rotary_in_attention_backward = false;
 };
 
 /// \brief Device memory of a training step, by purpose (bytes).

@@ -1,8 +1,19 @@
-// Test and benchmark hook of the training attention backward (attention_train_backward.cu),
-// host-only so that test sources can include it.
+// Test and benchmark hooks of the attention kernels: the prefill / training forward kernel
+// (attention_prefill.cu) and the training backward (attention_train_backward.cu). Host-only, so
+// that test sources can include it.
 #pragma once
 
 namespace qg::cuda {
+
+/// \brief Which tile configuration the prefill kernel runs (attention_prefill and
+/// attention_train_forward; attention_prefill.cu describes both). Narrow: 64-query CTAs of 4
+/// warps x 16 rows, Q in registers. Wide: 128-query CTAs of 4 warps x 32 rows, Q re-read from
+/// shared memory, K and V double-buffered (96 KiB of shared memory at head_dim 128). Auto is
+/// Narrow until Wide is timed on a GPU.
+enum class AttentionPrefillTiles { Auto, Narrow, Wide };
+
+/// \brief Pins the configuration of later prefill and training forward calls (process-wide).
+void force_attention_prefill(AttentionPrefillTiles tiles);
 
 /// \brief Which tile configuration attention_train_backward runs. Auto: 128-key CTAs of 8 warps
 /// with 64-query tiles where the device has the shared memory (every head_dim on sm_80 / sm_90,
