@@ -60,6 +60,25 @@ double median_ms(benchmark::State& state, Fn fn, int reps) {
   return median(ms);
 }
 
+void bench_layer_norm_forward(benchmark::State& state) {
+  const std::int64_t rows = kTokens, cols = kHidden;
+  RandomHalfBuffer x(rows * cols, 2.0f), y(rows * cols, 1.0f), gamma(cols, 1.0f), beta(cols, 1.0f);
+  DeviceArray<float> mean(rows), rstd(rows);
+  const double t = median_ms(
+      state,
+      [&](int) {
+        cuda::layer_norm_forward_stats(as_half(x), as_half(gamma), as_half(beta), 1e-5f, rows, cols,
+                                       as_half(y), mean.get(), rstd.get(), nullptr);
+      },
+      20);
+  const double gbps = 2.0 * 2.0 * static_cast<double>(rows * cols) / (t * 1e-3) / 1e9;
+  state.counters["us"] = t * 1e3;
+  state.counters["GBps"] = gbps;
+  table_row("LayerNorm forward with statistics (rows 2048, cols 4096): GB/s of x read, y written",
+            {"us", "GB/s", "% of copy BW"},
+            {cell(t * 1e3, 1), cell(gbps, 0), cell(100.0 * gbps / peaks().copy_gbps, 0)});
+}
+
 void bench_layer_norm_backward(benchmark::State& state, bool param_grads) {
   const std::int64_t rows = kTokens, cols = kHidden;
   RandomHalfBuffer x(rows * cols, 2.0f), dy(rows * cols, 1.0f), dx(rows * cols, 1.0f),
@@ -189,6 +208,7 @@ void bench_cross_entropy(benchmark::State& state, bool backward) {
 }
 
 const bool registered = [] {
+  register_kernel_benchmark("train/layer_norm_forward", kBatches, bench_layer_norm_forward);
   register_kernel_benchmark("train/layer_norm_backward/dx", kBatches, bench_layer_norm_backward, false);
   register_kernel_benchmark("train/layer_norm_backward/dx_dgamma_dbeta", kBatches,
                             bench_layer_norm_backward, true);

@@ -24,8 +24,7 @@ namespace {
 /// One prefill CTA: 4 warps of kRowFrags x 16 query rows against 64-key tiles.
 ///   Narrow (kRowFrags 1, 64 queries): Q stays in registers as mma A fragments; one K and one V
 ///     buffer, the next K tile loading during softmax and P.V, the next V tile during Q.K^T.
-///     48 KiB of shared memory at head_dim 128 and 169 registers: three CTAs an SM on every
-///     supported GPU.
+///     48 KiB of shared memory at head_dim 128 and 169 registers: two CTAs (8 warps) an SM.
 ///   Wide (kRowFrags 2, 128 queries): each K or V fragment loaded from shared memory feeds twice
 ///     the mma of Narrow, and each K/V tile serves twice the queries. Q is re-read from shared
 ///     memory per 16-wide k step (its fragments would need 64 more registers beside the 128 of
@@ -38,7 +37,8 @@ struct PrefillTiles {
   static constexpr int kBlockM = kWarps * 16 * kRowFrags;  // queries per CTA
   static constexpr int kBlockN = 64;                       // keys per tile
   static constexpr int kStages = kRowFrags == 1 ? 1 : 2;   // K and V buffers
-  static constexpr int kMinBlocks = kRowFrags == 1 ? 1 : 2;
+  // Narrow: no residency hint (0), which keeps it at 169 registers; Wide: two CTAs an SM.
+  static constexpr int kMinBlocks = kRowFrags == 1 ? 0 : 2;
   static constexpr int kSmemBytes =
       (kBlockM + 2 * kStages * kBlockN) * D * static_cast<int>(sizeof(__half));
   static_assert(kRowFrags == 1 || kRowFrags == 2, "16 or 32 query rows per warp");
@@ -179,7 +179,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[Cfg::kRowFrags][Cfg::k
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = n0 + j * 8 + 2 * t + (e & 1);
-        float v = s[i][j][e] * scale_log2;
+        // Rounded on its own (never fused with the subtraction below), so that a masked and
+        // an unmasked tile give a visible score the same bits in either configuration.
+        float v = __fmul_rn(s[i][j][e], scale_log2);
         if (needs_mask && key >= row_limit(i, e / 2)) v = -INFINITY;
         s[i][j][e] = v;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], v);

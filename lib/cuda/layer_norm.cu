@@ -1,10 +1,14 @@
 // Row LayerNorm in fp16 with fp32 statistics (see include/qinggeng/cuda/layer_norm.h), and its
 // training pair: the forward that also saves mean and rstd, and the backward.
 //
-// Forward: one 256-thread block per row; the row is read three times (sum, centred sum of
-// squares, normalise), the second and third times from L1/L2 (a 4096-wide row is 8 KB).
+// Forward: one 256-thread block per row and three passes over it (sum, centred sum of squares,
+// normalise). Rows of up to kThreads * kUnits vectors (ChatGLM-6B's 4096: 2 vectors of 8 a
+// thread) are held in registers after the first read; wider rows are read again for each pass,
+// from L1/L2. The arithmetic is the same either way (every thread takes its vectors in the same
+// order), so both give the same bits.
 //
-// Backward: a row is read twice (the two row sums, then dx), again the second time from L1/L2.
+// Backward: two passes over a row (the two row sums, then dx), x, dy and gamma held in
+// registers between them in the same way.
 // dgamma and dbeta are column sums over all rows. Without them one block takes one row; with
 // them a grid of about two blocks per SM strides over the rows and every block keeps its own
 // partial column sums in shared memory (each thread always owns the same columns, so no
@@ -32,7 +36,49 @@ enum class ParamGrads {
   Global,  ///< one fp32 atomic per element straight into dgamma / dbeta (very wide rows)
 };
 
+/// Row vectors a thread holds in registers between passes: up to 2 or 4 a thread (rows of
+/// 4096 or 8192 fp16 with 8-wide vectors), 0 = re-read wider rows every pass.
+int held_units(std::int64_t units) {
+  return units <= 2 * kThreads ? 2 : units <= 4 * kThreads ? 4 : 0;
+}
+
 // ---- CUDA kernels ----
+
+/// Calls f(i, u) for the vectors i of a row of `units` this thread owns (i = threadIdx.x +
+/// u * kThreads, in increasing order): the u-th of at most kUnits, or (kUnits == 0) any number.
+template <int kUnits, class F>
+__device__ __forceinline__ void for_each_unit(std::int64_t units, F&& f) {
+  if constexpr (kUnits > 0) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const std::int64_t i = threadIdx.x + static_cast<std::int64_t>(u) * kThreads;
+      if (i < units) f(i, u);
+    }
+  } else {
+    for (std::int64_t i = threadIdx.x; i < units; i += kThreads) f(i, 0);
+  }
+}
+
+/// Vector i (this thread's u-th) of `row`: read once and then held (kUnits > 0), or read from
+/// memory on every call (kUnits == 0).
+template <int kVec, int kUnits>
+struct HeldRow {
+  const HalfVec<kVec>* row;
+  HalfVec<kVec> held[kUnits > 0 ? kUnits : 1];
+
+  __device__ HalfVec<kVec> first(std::int64_t i, int u) {
+    const HalfVec<kVec> v = row[i];
+    if constexpr (kUnits > 0) held[u] = v;
+    return v;
+  }
+  __device__ HalfVec<kVec> again(std::int64_t i, int u) const {
+    if constexpr (kUnits > 0) {
+      return held[u];
+    } else {
+      return row[i];
+    }
+  }
+};
 
 /// Sum of `v` over the block; every thread gets the total.
 __device__ float block_sum(float v, float* scratch) {
@@ -64,14 +110,15 @@ __device__ float2 block_sum2(float2 v, float2* scratch) {
   return total;
 }
 
-/// One block per row; mean_out / rstd_out (both or neither) receive the row statistics.
-template <int kVec>
+/// One block per row; mean_out / rstd_out (both or neither) receive the row statistics. Rows of
+/// at most kUnits * kThreads vectors stay in registers between the passes (kUnits > 0).
+template <int kVec, int kUnits>
 __global__ void __launch_bounds__(kThreads)
     layer_norm_kernel(const __half* x, const __half* gamma, const __half* beta, float eps,
                       std::int64_t cols, __half* out, float* mean_out, float* rstd_out) {
   __shared__ float scratch[kThreads / 32];
   const std::int64_t units = cols / kVec;
-  const auto* row = reinterpret_cast<const HalfVec<kVec>*>(x + blockIdx.x * cols);
+  HeldRow<kVec, kUnits> row{reinterpret_cast<const HalfVec<kVec>*>(x + blockIdx.x * cols)};
   const auto* g = reinterpret_cast<const HalfVec<kVec>*>(gamma);
   const auto* bt = reinterpret_cast<const HalfVec<kVec>*>(beta);
   auto* dst = reinterpret_cast<HalfVec<kVec>*>(out + blockIdx.x * cols);
@@ -79,28 +126,28 @@ __global__ void __launch_bounds__(kThreads)
   chain_wait();
 
   float sum = 0.0f;
-  for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-    const HalfVec<kVec> v = row[i];
+  for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
+    const HalfVec<kVec> v = row.first(i, u);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) sum += __half2float(v.v[k]);
-  }
+  });
   const float mean = block_sum(sum, scratch) / static_cast<float>(cols);
   float sq = 0.0f;
-  for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-    const HalfVec<kVec> v = row[i];
+  for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
+    const HalfVec<kVec> v = row.again(i, u);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const float d = __half2float(v.v[k]) - mean;
       sq += d * d;
     }
-  }
+  });
   const float inv = rsqrtf(block_sum(sq, scratch) / static_cast<float>(cols) + eps);
   if (mean_out != nullptr && threadIdx.x == 0) {
     mean_out[blockIdx.x] = mean;
     rstd_out[blockIdx.x] = inv;
   }
-  for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-    const HalfVec<kVec> v = row[i], gv = g[i], bv = bt[i];
+  for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
+    const HalfVec<kVec> v = row.again(i, u), gv = g[i], bv = bt[i];
     HalfVec<kVec> r;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -108,13 +155,14 @@ __global__ void __launch_bounds__(kThreads)
                                __half2float(bv.v[k]));
     }
     dst[i] = r;
-  }
+  });
 }
 
 /// dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy * gamma, xhat = (x - mean) rstd,
 /// for rows blockIdx.x, blockIdx.x + gridDim.x, ...; dgamma += dy xhat and dbeta += dy summed
-/// over the rows as kGrads says (dynamic shared memory: 2 * cols floats for Shared).
-template <int kVec, ParamGrads kGrads>
+/// over the rows as kGrads says (dynamic shared memory: 2 * cols floats for Shared). x, dy and
+/// gamma stay in registers between the two passes over a row (kUnits > 0).
+template <int kVec, int kUnits, ParamGrads kGrads>
 __global__ void __launch_bounds__(kThreads)
     layer_norm_backward_kernel(const __half* x, const __half* gamma, const float* mean,
                                const float* rstd, const __half* dy, std::int64_t rows,
@@ -124,34 +172,34 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float partial[];  // [2][cols]: dgamma, dbeta (Shared only)
   __shared__ float2 scratch[kThreads / 32];
   const std::int64_t units = cols / kVec;
-  const auto* g = reinterpret_cast<const HalfVec<kVec>*>(gamma);
   float* part_gamma = kGrads == ParamGrads::Shared ? partial : dgamma;
   float* part_beta = kGrads == ParamGrads::Shared ? partial + cols : dbeta;
   if constexpr (kGrads == ParamGrads::Shared) {
     for (std::int64_t c = threadIdx.x; c < 2 * cols; c += kThreads) partial[c] = 0.0f;
     __syncthreads();  // zeroed by column, accumulated by unit: other threads' columns
   }
+  HeldRow<kVec, kUnits> gr{reinterpret_cast<const HalfVec<kVec>*>(gamma)};
   for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const std::int64_t base = row * cols;
-    const auto* xr = reinterpret_cast<const HalfVec<kVec>*>(x + base);
-    const auto* dyr = reinterpret_cast<const HalfVec<kVec>*>(dy + base);
+    HeldRow<kVec, kUnits> xr{reinterpret_cast<const HalfVec<kVec>*>(x + base)};
+    HeldRow<kVec, kUnits> dyr{reinterpret_cast<const HalfVec<kVec>*>(dy + base)};
     const float mu = mean[row], inv = rstd[row];
     float2 sums{0.0f, 0.0f};  // sum g, sum g xhat
-    for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-      const HalfVec<kVec> xv = xr[i], dv = dyr[i], gv = g[i];
+    for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
+      const HalfVec<kVec> xv = xr.first(i, u), dv = dyr.first(i, u), gv = gr.first(i, u);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const float gd = __half2float(dv.v[k]) * __half2float(gv.v[k]);
         sums.x += gd;
         sums.y += gd * (__half2float(xv.v[k]) - mu) * inv;
       }
-    }
+    });
     sums = block_sum2(sums, scratch);
     const float mean_g = sums.x / static_cast<float>(cols);
     const float mean_gx = sums.y / static_cast<float>(cols);
     auto* out = reinterpret_cast<HalfVec<kVec>*>(dx + base);
-    for (std::int64_t i = threadIdx.x; i < units; i += kThreads) {
-      const HalfVec<kVec> xv = xr[i], dv = dyr[i], gv = g[i];
+    for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
+      const HalfVec<kVec> xv = xr.again(i, u), dv = dyr.again(i, u), gv = gr.again(i, u);
       HalfVec<kVec> r;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
@@ -168,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       out[i] = r;  // dx may alias dy: this unit was last read above, by this thread
-    }
+    });
   }
   if constexpr (kGrads == ParamGrads::Shared) {
     __syncthreads();
@@ -194,8 +242,15 @@ void launch_layer_norm(const __half* x, const __half* gamma, const __half* beta,
   const unsigned grid = static_cast<unsigned>(rows);
   const bool vec8 =
       cols % 8 == 0 && aligned16(x) && aligned16(gamma) && aligned16(beta) && aligned16(out);
-  launch_chained(vec8 ? layer_norm_kernel<8> : layer_norm_kernel<1>, dim3(grid), dim3(kThreads), 0,
-                 stream, x, gamma, beta, eps, cols, out, mean, rstd);
+  const int held = held_units(vec8 ? cols / 8 : cols);
+  auto* kernel = vec8 ? (held == 2   ? layer_norm_kernel<8, 2>
+                         : held == 4 ? layer_norm_kernel<8, 4>
+                                     : layer_norm_kernel<8, 0>)
+                      : (held == 2   ? layer_norm_kernel<1, 2>
+                         : held == 4 ? layer_norm_kernel<1, 4>
+                                     : layer_norm_kernel<1, 0>);
+  launch_chained(kernel, dim3(grid), dim3(kThreads), 0, stream, x, gamma, beta, eps, cols, out,
+                 mean, rstd);
 }
 
 template <int kVec, ParamGrads kGrads>
@@ -203,7 +258,10 @@ void launch_backward(const __half* x, const __half* gamma, const float* mean, co
                      const __half* dy, std::int64_t rows, std::int64_t cols, __half* dx,
                      float* dgamma, float* dbeta, unsigned grid, std::size_t shared_bytes,
                      cudaStream_t stream) {
-  auto* kernel = layer_norm_backward_kernel<kVec, kGrads>;
+  const int held = held_units(cols / kVec);
+  auto* kernel = held == 2   ? layer_norm_backward_kernel<kVec, 2, kGrads>
+                 : held == 4 ? layer_norm_backward_kernel<kVec, 4, kGrads>
+                             : layer_norm_backward_kernel<kVec, 0, kGrads>;
   if (shared_bytes > 48 * 1024) {
     QG_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(shared_bytes)));

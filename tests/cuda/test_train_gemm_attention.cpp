@@ -242,6 +242,7 @@ TEST_CASE("GPU training attention forward (lse) and backward match the reference
       INFO("prefill tiles " << test::prefill_tiles_name(tiles));
       const test::PinnedAttentionPrefill pinned(tiles);
       QG_CUDA_CHECK(cudaMemset(gout.buf.get(), 0xff, static_cast<std::size_t>(T) * H * 2));
+      QG_CUDA_CHECK(cudaMemset(glse.get(), 0xff, static_cast<std::size_t>(T) * heads * 4));
       cuda::attention_train_forward(gqkv.buf.get(), batch, heads, hd, gout.buf.get(), glse.get(),
                                     nullptr);
       const auto out_now = gout.host().data, lse_now = download(glse);
