@@ -324,6 +324,7 @@ TEST_CASE(
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     const auto r = gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
     CHECK(r.loss == base.loss);
+    REQUIRE(r.grads.size() == base.grads.size());
     for (const auto& [name, grad] : r.grads) {
       INFO("rotary in the attention backward: " << name);
       CHECK(relative_l2(grad, base.grads.at(name)) < 1e-5);
