@@ -7,6 +7,7 @@
 // The epilogue stages the fp32 tile in the idle slots and stores it row by row with 16-byte
 // coalesced accesses (tiles::store_row8): a short loop, not per-thread stores unrolled over
 // the accumulators, whose code size made the instruction cache the bottleneck of every tile.
+// A residual epilogue's operand comes ahead into shared memory, 8 groups a thread in flight.
 // The same kernel also runs the training backward's dX = dY W (gemm_backward.h) with W read as
 // stored, [K, N]: TMA brings {64 columns, 64 k rows} boxes and wgmma reads B MN-major
 // (its transpose-B mode), so no transposed weight copy exists. A forward low-rank term
@@ -189,14 +190,44 @@ __global__ void __launch_bounds__(S::Threads, 1)
   }
   wgmma::named_barrier_sync(1, kConsumerThreads);
   const bool vectors = tiles::row8_vectors_ok(e);
-  constexpr int kGroupsPerRow = S::BN / 8;
+  constexpr int kGroupsPerRow = S::BN / 8, kGroups = S::BM * kGroupsPerRow;
+  // A residual epilogue's loads: a thread's next kBatch groups are fetched together with
+  // cp.async into its own shared-memory slots behind the staged tile, then stored one by one.
+  // (Loaded in the store loop, one at a time — a store may overwrite the residual it adds, so
+  // the compiler may not hoist the next load above it — they cost ~14 us a tile.) The loops
+  // stay (nearly) rolled: code size, not arithmetic, bounds this epilogue (see above).
+  constexpr int kBatch = 8, kStagedBytes = S::BM * S::StagePitch * 4;
+  static_assert(kGroups % (kBatch * kConsumerThreads) == 0, "whole batches");
+  static_assert(kStagedBytes + kBatch * kConsumerThreads * 16 <= S::Stages * S::StageBytes,
+                "residual slots exceed the idle stages");
+  auto* residual_slots = reinterpret_cast<uint4*>(smem + kStagedBytes);
+  const int ct = static_cast<int>(threadIdx.x) - 128;
+  const bool prefetch = e.kind >= 3 && vectors;
+#pragma unroll 1
+  for (int g0 = ct; g0 < kGroups; g0 += kBatch * kConsumerThreads) {
+    if (prefetch) {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int g = g0 + b * kConsumerThreads;
+        const std::int64_t row = m0 + g / kGroupsPerRow, col = n0 + g % kGroupsPerRow * 8;
+        const bool in = tiles::row8_vector_path(e, row, col, vectors);
+        tiles::cp_async_16(residual_slots + b * kConsumerThreads + ct,
+                           in ? e.residual + row * e.N + col : e.residual, in);
+      }
+      tiles::cp_async_commit();
+      tiles::cp_async_wait<0>();      // this thread's own slots only: no barrier, but the reads
+      asm volatile("" ::: "memory");  // below must not move above the wait
+    }
 #pragma unroll 2
-  for (int g = threadIdx.x - 128; g < S::BM * kGroupsPerRow; g += kConsumerThreads) {
-    const int r = g / kGroupsPerRow, c = (g % kGroupsPerRow) * 8;
-    const float4 lo = *reinterpret_cast<const float4*>(staged + r * S::StagePitch + c);
-    const float4 hi = *reinterpret_cast<const float4*>(staged + r * S::StagePitch + c + 4);
-    float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-    tiles::store_row8(e, std::int64_t{m0} + r, std::int64_t{n0} + c, v, vectors);
+    for (int b = 0; b < kBatch; ++b) {
+      const int g = g0 + b * kConsumerThreads;
+      const int r = g / kGroupsPerRow, c = (g % kGroupsPerRow) * 8;
+      const float4 lo = *reinterpret_cast<const float4*>(staged + r * S::StagePitch + c);
+      const float4 hi = *reinterpret_cast<const float4*>(staged + r * S::StagePitch + c + 4);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      tiles::store_row8(e, std::int64_t{m0} + r, std::int64_t{n0} + c, v, vectors,
+                        residual_slots[b * kConsumerThreads + ct]);
+    }
   }
 #else
   (void)map_x, (void)map_w, (void)map_u, (void)map_v, (void)e, (void)K;

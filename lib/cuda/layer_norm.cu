@@ -258,7 +258,8 @@ void launch_backward(const __half* x, const __half* gamma, const float* mean, co
                      const __half* dy, std::int64_t rows, std::int64_t cols, __half* dx,
                      float* dgamma, float* dbeta, unsigned grid, std::size_t shared_bytes,
                      cudaStream_t stream) {
-  const int held = held_units(cols / kVec);
+  // (Global mode is for rows far wider than any held row.)
+  const int held = kGrads == ParamGrads::Global ? 0 : held_units(cols / kVec);
   auto* kernel = held == 2   ? layer_norm_backward_kernel<kVec, 2, kGrads>
                  : held == 4 ? layer_norm_backward_kernel<kVec, 4, kGrads>
                              : layer_norm_backward_kernel<kVec, 0, kGrads>;

@@ -313,9 +313,8 @@ __device__ __forceinline__ bool row8_vectors_ok(const Epilogue& e) {
   return e.N % 8 == 0 && !misaligned(e.y) && !misaligned(e.bias) && !misaligned(e.residual);
 }
 
-/// Eight fp16 values at a 16-byte aligned address, as floats.
-__device__ __forceinline__ void load_half8(const __half* p, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+/// Eight fp16 values (16 bytes, raw) as floats.
+__device__ __forceinline__ void unpack_half8(const uint4& raw, float (&out)[8]) {
   const auto* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -325,14 +324,27 @@ __device__ __forceinline__ void load_half8(const __half* p, float (&out)[8]) {
   }
 }
 
+/// Eight fp16 values at a 16-byte aligned address, as floats.
+__device__ __forceinline__ void load_half8(const __half* p, float (&out)[8]) {
+  unpack_half8(*reinterpret_cast<const uint4*>(p), out);
+}
+
+/// Whether store_row8 takes its 16-byte path for acc[row, col .. col + 7].
+__device__ __forceinline__ bool row8_vector_path(const Epilogue& e, std::int64_t row,
+                                                 std::int64_t col, bool vectors) {
+  return vectors && row < e.M && col + 8 <= e.N;
+}
+
 /// Applies the epilogue to acc[row, col .. col + 7] (v) and stores what is in bounds: with
-/// 16-byte loads of bias / residual and 16-byte stores when `vectors` (row8_vectors_ok) and
-/// col % 8 == 0 and all 8 columns are inside N, else pair by pair through store_pair.
-/// Epilogues that stage a tile in shared memory store it with this, a warp covering whole rows.
+/// 16-byte loads of the bias, the residual given (`residual8`: its 16 bytes at row * N + col,
+/// loaded ahead by the caller; read only with a residual epilogue) and 16-byte stores when
+/// `vectors` (row8_vectors_ok) and col % 8 == 0 and all 8 columns are inside N, else pair by
+/// pair through store_pair. Epilogues that stage a tile in shared memory store it with this, a
+/// warp covering whole rows.
 __device__ __forceinline__ void store_row8(const Epilogue& e, std::int64_t row, std::int64_t col,
-                                           float (&v)[8], bool vectors) {
+                                           float (&v)[8], bool vectors, const uint4& residual8) {
   if (row >= e.M || col >= e.N) return;
-  if (!vectors || col + 8 > e.N) {
+  if (!row8_vector_path(e, row, col, vectors)) {
 #pragma unroll
     for (int i = 0; i < 8; i += 2) store_pair(e, row, col + i, v[i], v[i + 1]);
     return;
@@ -349,7 +361,7 @@ __device__ __forceinline__ void store_row8(const Epilogue& e, std::int64_t row, 
     }
   }
   if (e.kind >= 3) {  // + residual * alpha
-    load_half8(e.residual + at, add);
+    unpack_half8(residual8, add);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = add[i] * e.alpha + v[i];
   }
