@@ -27,12 +27,18 @@ struct BackwardShape {
   const char* name;
   bool tn;  ///< gemm_f16_tn (dW) instead of gemm_f16_nn (dX)
   std::int64_t M, N, K;
+  bool residual = false;  ///< dX with the step's residual epilogue (y = residual * alpha + acc)
 };
 
 constexpr BackwardShape kShapes[] = {
-    {"qkv dX", false, 2048, 4096, 12288},     {"dense dX", false, 2048, 4096, 4096},
-    {"h_to_4h dX", false, 2048, 4096, 16384}, {"4h_to_h dX", false, 2048, 16384, 4096},
-    {"CE dhidden", false, 512, 4096, 130528}, {"qkv dW", true, 12288, 4096, 2048},
+    {"qkv dX", false, 2048, 4096, 12288},
+    {"qkv dX + residual", false, 2048, 4096, 12288, true},
+    {"dense dX", false, 2048, 4096, 4096},
+    {"h_to_4h dX", false, 2048, 4096, 16384},
+    {"h_to_4h dX + residual", false, 2048, 4096, 16384, true},
+    {"4h_to_h dX", false, 2048, 16384, 4096},
+    {"CE dhidden", false, 512, 4096, 130528},
+    {"qkv dW", true, 12288, 4096, 2048},
     {"h_to_4h dW", true, 4096, 16384, 2048},
 };
 
@@ -42,14 +48,19 @@ void bench_backward(benchmark::State& state, BackwardShape s) {
   RandomHalfBuffer a(static_cast<std::size_t>(s.M * s.K), 1.0f);
   RandomHalfBuffer b(static_cast<std::size_t>(s.K * s.N), 0.03f);
   RandomHalfBuffer y(static_cast<std::size_t>(s.M * s.N) * 2, 1.0f);  // room for fp32
+  RandomHalfBuffer residual(s.residual ? static_cast<std::size_t>(s.M * s.N) : 1, 1.0f);
+  cuda::GemmNnEpilogue epilogue;
+  if (s.residual) {
+    epilogue.residual = residual.data();
+    epilogue.alpha = 2.0f;
+  }
   const float one = 1.0f, zero = 0.0f;
   auto ours = [&](int) {
     if (s.tn) {
       cuda::gemm_f16_tn(a.data(), b.data(), reinterpret_cast<float*>(y.data()), false, s.M, s.N,
                         s.K, nullptr);
     } else {
-      cuda::gemm_f16_nn(a.data(), b.data(), y.data(), false, s.M, s.N, s.K, cuda::GemmNnEpilogue{},
-                        nullptr);
+      cuda::gemm_f16_nn(a.data(), b.data(), y.data(), false, s.M, s.N, s.K, epilogue, nullptr);
     }
   };
   auto reference = [&](int) {

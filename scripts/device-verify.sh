@@ -2,8 +2,9 @@
 # One GPU-machine pass over what needs a GPU, in stages (all of them by default, in this order):
 #   tests    the whole CUDA test suite (qg_cuda_tests)
 #   kernels  the LoRA training kernels alone, SIMT and tensor cores (train/lora*), the
-#            attention kernels' tile configurations (training forward and backward, prefill)
-#            and the LayerNorm kernels
+#            attention kernels' tile configurations (training forward and backward, prefill),
+#            the LayerNorm kernels and the residual GEMM epilogues (plain vs fused, dX with and
+#            without the residual)
 #   train    the training step, BM_TrainStepLora/<checkpointing>/<variant: bit 1 = LoRA forward
 #            term inside the base GEMM, bit 2 = LoRA passes on tensor cores, bit 4 = last layer
 #            on the labelled rows, bit 8 = rotary backward inside the attention backward>:
@@ -45,8 +46,8 @@ for stage in $stages; do
       tail -3 "$out/cuda_tests.txt" ;;
     kernels)
       timeout 90 "$bench" --benchmark_filter='train/lora' > "$out/lora_kernels.txt" 2>&1
-      timeout 120 "$bench" \
-        --benchmark_filter='attention_train/|AttentionPrefill/(1024|2048)/|train/layer_norm' \
+      timeout 180 "$bench" \
+        --benchmark_filter='attention_train/|AttentionPrefill/(1024|2048)/|train/layer_norm|gemm/(dense|4h_to_h)(_fused)?/M=2048|gemm_backward/(qkv|h_to_4h)_dX' \
         --qg_markdown="$out/attention.md" > "$out/attention.txt" 2>&1
       logs+=("$out/lora_kernels.txt" "$out/attention.txt") ;;
     train)
@@ -74,7 +75,7 @@ for stage in $stages; do
     *) echo "unknown stage $stage (tests kernels train models profile)"; exit 2 ;;
   esac
 done
-[ -f "$out/attention.md" ] && grep -A6 -E '^#+ .*(variants|Training attention|LayerNorm)' "$out/attention.md"
+[ -f "$out/attention.md" ] && grep -A12 -E '^#+ .*(variants|Training attention|LayerNorm|GEMM)' "$out/attention.md"
 for f in "${logs[@]}"; do
   echo "== $(basename "$f")"
   grep -E '^(BM_|train/|attention_train/)' "$f" | cut -c1-170
