@@ -8,6 +8,7 @@
 
 #include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
+#include "cuda/gelu.cuh"
 #include "cuda/half_vector.cuh"
 #include "qinggeng/cuda/elementwise.h"
 #include "qinggeng/error.h"
@@ -18,17 +19,6 @@ namespace {
 unsigned grid_for(std::int64_t units) {
   const std::int64_t blocks = (units + 255) / 256;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 8192 ? 8192 : blocks));
-}
-
-__device__ __forceinline__ float gelu(float u) {
-  return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * u * (1.0f + 0.044715f * u * u)));
-}
-
-// d gelu_tanh(u) / du.
-__device__ __forceinline__ float gelu_grad(float u) {
-  constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
-  const float t = tanhf(kC * u * (1.0f + kA * u * u));
-  return 0.5f * (1.0f + t) + 0.5f * u * (1.0f - t * t) * kC * (1.0f + 3.0f * kA * u * u);
 }
 
 // ---- CUDA kernels ----
@@ -47,12 +37,12 @@ __global__ void gelu_kernel(const __half* x, const __half* dy, __half* out, std:
     HalfVec<kVec> r;
     if (pd == nullptr) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) r.v[k] = __float2half_rn(gelu(__half2float(v.v[k])));
+      for (int k = 0; k < kVec; ++k) r.v[k] = __float2half_rn(gelu_tanh(__half2float(v.v[k])));
     } else {
       const HalfVec<kVec> d = pd[i];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        r.v[k] = __float2half_rn(gelu_grad(__half2float(v.v[k])) * __half2float(d.v[k]));
+        r.v[k] = __float2half_rn(gelu_tanh_grad(__half2float(v.v[k])) * __half2float(d.v[k]));
       }
     }
     po[i] = r;

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cuda/gelu.cuh"
+
 namespace qg::cuda::tiles {
 
 // ---- asynchronous copies ----
@@ -263,10 +265,6 @@ struct Epilogue {
   const __half* lr_v = nullptr;
   std::int64_t lr_rank = 0;
 };
-
-__device__ __forceinline__ float gelu_tanh(float u) {
-  return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * u * (1.0f + 0.044715f * u * u)));
-}
 
 __device__ __forceinline__ float apply_epilogue(const Epilogue& e, std::int64_t row,
                                                 std::int64_t col, float acc) {

@@ -109,22 +109,32 @@ TEST_CASE("GPU layer_norm training entry points reject bad arguments", "[train-o
 }
 
 TEST_CASE("GPU gelu_tanh_out and gelu_tanh_backward match the CPU reference", "[train-ops]") {
-  for (const std::int64_t count : {std::int64_t{8}, std::int64_t{1001}, std::int64_t{4096 * 33}}) {
+  // Random values, and (count 0 below) the tails where the GPU's sigmoid form saturates.
+  const std::vector<float> tails = {-60000.0f, -200.0f, -50.0f, -12.0f, -9.0f,    -7.0f,
+                                    -3.0f,     -0.75f,  -0.5f,  0.0f,   0.5f,     3.0f,
+                                    7.0f,      12.0f,   50.0f,  200.0f, 60000.0f, 1e-4f};
+  for (const std::int64_t count :
+       {std::int64_t{0}, std::int64_t{8}, std::int64_t{1001}, std::int64_t{4096 * 33}}) {
     INFO("count " << count);
-    const HostMatrix x = random_fp16(1, count, 5, 3.0f), dy = random_fp16(1, count, 6);
-    std::vector<float> y(count), dx(count, 0.0f);
-    qg::train::gelu_forward(x.data.data(), count, y.data());
-    qg::train::gelu_backward(x.data.data(), dy.data.data(), count, dx.data());
-    DeviceBuffer<__half> d_x(count), d_y(count), d_dy(count);
+    HostMatrix x = random_fp16(1, count, 5, 3.0f), dy = random_fp16(1, count, 6);
+    if (count == 0) {
+      x = qg::test::round_to_fp16(HostMatrix{1, static_cast<std::int64_t>(tails.size()), tails});
+      dy = random_fp16(1, x.cols, 6);
+    }
+    const std::int64_t n = x.cols;
+    std::vector<float> y(n), dx(n, 0.0f);
+    qg::train::gelu_forward(x.data.data(), n, y.data());
+    qg::train::gelu_backward(x.data.data(), dy.data.data(), n, dx.data());
+    DeviceBuffer<__half> d_x(n), d_y(n), d_dy(n);
     qg::test::upload_fp16(d_x, x);
     qg::test::upload_fp16(d_dy, dy);
-    qg::cuda::gelu_tanh_out(d_x.get(), count, d_y.get(), nullptr);
-    CHECK(qg::test::tolerance_ratio(qg::test::download_fp16(d_y, 1, count), as_matrix(y, 1, count),
-                                    1e-3, 2e-3) <= 1.0);
-    CHECK(qg::test::tolerance_ratio(qg::test::download_fp16(d_x, 1, count), x, 0, 0) <= 1.0);
-    qg::cuda::gelu_tanh_backward(d_x.get(), d_dy.get(), count, d_dy.get(), nullptr);  // dx = dy
-    CHECK(qg::test::tolerance_ratio(qg::test::download_fp16(d_dy, 1, count), as_matrix(dx, 1, count),
-                                    1e-3, 2e-3) <= 1.0);
+    qg::cuda::gelu_tanh_out(d_x.get(), n, d_y.get(), nullptr);
+    CHECK(qg::test::tolerance_ratio(qg::test::download_fp16(d_y, 1, n), as_matrix(y, 1, n), 1e-3,
+                                    2e-3) <= 1.0);
+    CHECK(qg::test::tolerance_ratio(qg::test::download_fp16(d_x, 1, n), x, 0, 0) <= 1.0);
+    qg::cuda::gelu_tanh_backward(d_x.get(), d_dy.get(), n, d_dy.get(), nullptr);  // dx = dy
+    CHECK(qg::test::tolerance_ratio(qg::test::download_fp16(d_dy, 1, n), as_matrix(dx, 1, n), 1e-3,
+                                    2e-3) <= 1.0);
   }
   DeviceBuffer<__half> buf(8);
   REQUIRE_THROWS_WITH(qg::cuda::gelu_tanh_out(nullptr, 8, buf.get(), nullptr), QG_CONTAINS("gelu_tanh_out"));
