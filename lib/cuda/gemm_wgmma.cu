@@ -175,6 +175,34 @@ __global__ void __launch_bounds__(S::Threads, 1)
   constexpr int kConsumerThreads = S::Threads - 128;
   wgmma::named_barrier_sync(1, kConsumerThreads);
   auto* staged = reinterpret_cast<float*>(smem);
+  // A residual epilogue's loads: a thread's next kBatch groups are fetched together with
+  // cp.async into its own shared-memory slots behind the staged tile (the first batch while the
+  // tile is staged), then stored one by one. (Loaded in the store loop, one at a time — a store
+  // may overwrite the residual it adds, so the compiler may not hoist the next load above it —
+  // they cost ~14 us a tile.) The loops stay (nearly) rolled: code size, not arithmetic, bounds
+  // this epilogue (see above).
+  const bool vectors = tiles::row8_vectors_ok(e);
+  constexpr int kGroupsPerRow = S::BN / 8, kGroups = S::BM * kGroupsPerRow;
+  constexpr int kBatch = 8, kStagedBytes = S::BM * S::StagePitch * 4;
+  static_assert(kGroups % (kBatch * kConsumerThreads) == 0, "whole batches");
+  static_assert(kStagedBytes + kBatch * kConsumerThreads * 16 <= S::Stages * S::StageBytes,
+                "residual slots exceed the idle stages");
+  auto* residual_slots = reinterpret_cast<uint4*>(smem + kStagedBytes);
+  const int ct = static_cast<int>(threadIdx.x) - 128;
+  const bool prefetch = e.kind >= 3 && vectors;
+  const auto fetch_residuals = [&](int g0) {  // groups g0 + b * kConsumerThreads, b < kBatch
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int g = g0 + b * kConsumerThreads;
+      const std::int64_t row = m0 + g / kGroupsPerRow, col = n0 + g % kGroupsPerRow * 8;
+      const bool in = tiles::row8_vector_path(e, row, col, vectors);
+      tiles::cp_async_16(residual_slots + b * kConsumerThreads + ct,
+                         in ? e.residual + row * e.N + col : e.residual, in);
+    }
+    tiles::cp_async_commit();
+  };
+  // Both warpgroups' wgmma are done: the slots, past the staged tile, are free.
+  if (prefetch) fetch_residuals(ct);
   // Accumulator layout: per n8 block j, the mma.sync fragment layout of this warp's 16 rows.
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x % 128) / 32;
   const int tile_row = consumer * 64 + warp_in_group * 16 + lane / 4;
@@ -189,32 +217,9 @@ __global__ void __launch_bounds__(S::Threads, 1)
     }
   }
   wgmma::named_barrier_sync(1, kConsumerThreads);
-  const bool vectors = tiles::row8_vectors_ok(e);
-  constexpr int kGroupsPerRow = S::BN / 8, kGroups = S::BM * kGroupsPerRow;
-  // A residual epilogue's loads: a thread's next kBatch groups are fetched together with
-  // cp.async into its own shared-memory slots behind the staged tile, then stored one by one.
-  // (Loaded in the store loop, one at a time — a store may overwrite the residual it adds, so
-  // the compiler may not hoist the next load above it — they cost ~14 us a tile.) The loops
-  // stay (nearly) rolled: code size, not arithmetic, bounds this epilogue (see above).
-  constexpr int kBatch = 8, kStagedBytes = S::BM * S::StagePitch * 4;
-  static_assert(kGroups % (kBatch * kConsumerThreads) == 0, "whole batches");
-  static_assert(kStagedBytes + kBatch * kConsumerThreads * 16 <= S::Stages * S::StageBytes,
-                "residual slots exceed the idle stages");
-  auto* residual_slots = reinterpret_cast<uint4*>(smem + kStagedBytes);
-  const int ct = static_cast<int>(threadIdx.x) - 128;
-  const bool prefetch = e.kind >= 3 && vectors;
 #pragma unroll 1
   for (int g0 = ct; g0 < kGroups; g0 += kBatch * kConsumerThreads) {
     if (prefetch) {
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int g = g0 + b * kConsumerThreads;
-        const std::int64_t row = m0 + g / kGroupsPerRow, col = n0 + g % kGroupsPerRow * 8;
-        const bool in = tiles::row8_vector_path(e, row, col, vectors);
-        tiles::cp_async_16(residual_slots + b * kConsumerThreads + ct,
-                           in ? e.residual + row * e.N + col : e.residual, in);
-      }
-      tiles::cp_async_commit();
       tiles::cp_async_wait<0>();      // this thread's own slots only: no barrier, but the reads
       asm volatile("" ::: "memory");  // below must not move above the wait
     }
@@ -227,6 +232,10 @@ __global__ void __launch_bounds__(S::Threads, 1)
       float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
       tiles::store_row8(e, std::int64_t{m0} + r, std::int64_t{n0} + c, v, vectors,
                         residual_slots[b * kConsumerThreads + ct]);
+    }
+    // The next batch into the same slots, after this batch's reads (program order).
+    if (prefetch && g0 + kBatch * kConsumerThreads < kGroups) {
+      fetch_residuals(g0 + kBatch * kConsumerThreads);
     }
   }
 #else

@@ -311,8 +311,9 @@ __device__ __forceinline__ bool row8_vectors_ok(const Epilogue& e) {
   return e.N % 8 == 0 && !misaligned(e.y) && !misaligned(e.bias) && !misaligned(e.residual);
 }
 
-/// Eight fp16 values (16 bytes, raw) as floats.
-__device__ __forceinline__ void unpack_half8(const uint4& raw, float (&out)[8]) {
+/// Eight fp16 values (16 bytes, raw, by value: a reference would let the compiler read them as
+/// four 4-byte loads) as floats.
+__device__ __forceinline__ void unpack_half8(const uint4 raw, float (&out)[8]) {
   const auto* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
