@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float scratch[kThreads / 32];
   const std::int64_t units = cols / kVec;
   HeldRow<kVec, kUnits> row{reinterpret_cast<const HalfVec<kVec>*>(x + blockIdx.x * cols)};
-  const auto* g = reinterpret_cast<const HalfVec<kVec>*>(gamma);
-  const auto* bt = reinterpret_cast<const HalfVec<kVec>*>(beta);
+  HeldRow<kVec, kUnits> g{reinterpret_cast<const HalfVec<kVec>*>(gamma)};
+  HeldRow<kVec, kUnits> bt{reinterpret_cast<const HalfVec<kVec>*>(beta)};
   auto* dst = reinterpret_cast<HalfVec<kVec>*>(out + blockIdx.x * cols);
   chain_release();
   chain_wait();
@@ -128,6 +128,11 @@ __global__ void __launch_bounds__(kThreads)
   float sum = 0.0f;
   for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
     const HalfVec<kVec> v = row.first(i, u);
+    // Held rows: gamma and beta come with the row (their loads then overlap the two
+    // reductions instead of following them); otherwise these loads are dead and the last pass
+    // reads them.
+    g.first(i, u);
+    bt.first(i, u);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) sum += __half2float(v.v[k]);
   });
@@ -147,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
     rstd_out[blockIdx.x] = inv;
   }
   for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
-    const HalfVec<kVec> v = row.again(i, u), gv = g[i], bv = bt[i];
+    const HalfVec<kVec> v = row.again(i, u), gv = g.again(i, u), bv = bt.again(i, u);
     HalfVec<kVec> r;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
