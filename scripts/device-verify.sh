@@ -12,13 +12,14 @@
 #            off, then variant 15 with and without checkpointing with them on; every variant
 #            is timed again with the attention forward's wide tiles (wide_attention_ms)
 #   models   whole-model decode and prefill (prefill with narrow and wide attention tiles),
-#            chained launches off and on
+#            chained launches off and on; decode again with the LayerNorm fused into the next
+#            GEMM (QG_CUDA_FUSE_LN=1)
 #   profile  Nsight Compute on the LoRA training kernels of both kinds
 # It builds first (scripts/device-build.sh; incremental when BUILD_DIR is kept). Logs go to
 # $OUT (or ./out), one file per run, and a summary of the benchmark lines ends the output.
 # A run takes up to 10 minutes on a device call, so split the stages over three calls: build +
 # tests + kernels (about 4 minutes), train (about 5; each training-step variant builds a random
-# 6B model, about 25 s), models (about 4). The build directory survives between calls only
+# 6B model, about 25 s), models (about 6). The build directory survives between calls only
 # while the machine stays warm.
 #   usage: scripts/device-verify.sh [BUILD_DIR] [STAGE...]
 set -uo pipefail
@@ -61,6 +62,13 @@ for stage in $stages; do
         QG_CUDA_PDL=$pdl timeout 150 "$bench" --benchmark_filter="$models" \
           > "$out/models_pdl$pdl.txt" 2>&1
         logs+=("$out/models_pdl$pdl.txt")
+      done
+      # Decode with the LayerNorm fused into the next GEMM, chained launches off and on.
+      for pdl in 0 1; do
+        QG_CUDA_FUSE_LN=1 QG_CUDA_PDL=$pdl timeout 100 "$bench" \
+          --benchmark_filter='BM_ModelDecode/(1|4|16)/128/1|BM_ModelDecode/1/1024/1' \
+          > "$out/models_fused_ln_pdl$pdl.txt" 2>&1
+        logs+=("$out/models_fused_ln_pdl$pdl.txt")
       done ;;
     profile)
       # The first forward and backward of each kind: 2 passes each (with their sums).

@@ -14,19 +14,21 @@
 // model's activation tensors, so its addresses stay fixed; only the logits tensor it returns
 // lies in that arena (valid until the next decode step). The attention kernels of a graph
 // are sized by capacities and read the step's lengths from the device.
+#include "cuda/cuda_backend.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
 #include "cuda/check.h"
-#include "cuda/cuda_backend.h"
 #include "cuda/device_allocator.h"
 #include "cuda/op_profiler.h"
 #include "qinggeng/cuda/attention.h"
@@ -52,6 +54,14 @@ void check_f16(const Tensor& t, std::int64_t rows, std::int64_t cols, const char
            " must be an fp16 device tensor");
   QG_CHECK(t.rows() == rows && t.cols() == cols, "cuda backend: ", what, " is ", t.shape_string(),
            ", expected [", rows, ", ", cols, "]");
+}
+
+/// Whether every tensor's data allows 16-byte vector access.
+bool all_aligned16(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors) {
+    if (reinterpret_cast<std::uintptr_t>(t->data()) % 16 != 0) return false;
+  }
+  return true;
 }
 
 double gib(std::size_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024 * 1024); }
@@ -304,6 +314,8 @@ class CudaBackend final : public Backend {
     profiler_ = std::make_unique<cuda::OpProfiler>(stream_);
     const char* env = std::getenv("QG_CUDA_GRAPHS");
     graphs_enabled_ = options_.decode_graphs && !(env && std::string(env) == "0");
+    const char* fuse = std::getenv("QG_CUDA_FUSE_LN");
+    fuse_layer_norm_ = options_.fuse_layer_norm || (fuse && std::string(fuse) == "1");
   }
   ~CudaBackend() override {
     abandon_step();
@@ -428,6 +440,37 @@ class CudaBackend final : public Backend {
     check_f16(out, x.rows(), x.cols(), "layer_norm output");
     cuda::layer_norm(static_cast<const __half*>(dev(x)), h(gamma), h(beta), eps, x.rows(), x.cols(),
                      static_cast<__half*>(dev(out)), stream_);
+  }
+
+  void layer_norm_linear(const Tensor& x, const Tensor& gamma, const Tensor& beta, float eps,
+                         Tensor& normed, const Tensor& w, const Tensor& bias, bool gelu,
+                         Tensor& out) override {
+    // The fused kernel serves decode-sized fp16 products with a bias whose pointers allow its
+    // 16-byte accesses (the layer norm kernel's vector path then, whose bits it reproduces).
+    const bool fused = fuse_layer_norm_ && x.rows() <= cuda::kGemmDecodeMaxM &&
+                       w.dtype() == DType::F16 && !bias.empty() && x.cols() % 8 == 0 &&
+                       all_aligned16({&x, &gamma, &beta, &normed, &w}) && !aliases(normed, x) &&
+                       !aliases(normed, out);
+    if (!fused) {
+      Backend::layer_norm_linear(x, gamma, beta, eps, normed, w, bias, gelu, out);
+      return;
+    }
+    if (replayed()) return;
+    const auto timing = profiler_->scope("layer_norm + gemm (skinny)");
+    const std::int64_t M = x.rows(), K = x.cols(), N = w.rows();
+    check_f16(x, M, K, "layer_norm_linear input");
+    check_f16(gamma, 1, K, "layer_norm gamma");
+    check_f16(beta, 1, K, "layer_norm beta");
+    check_f16(normed, M, K, "layer_norm output");
+    check_f16(w, N, K, "linear weight");
+    check_f16(bias, 1, N, "linear bias");
+    check_f16(out, M, N, "linear output");
+    cuda::GemmEpilogue ep;
+    ep.kind = gelu ? cuda::GemmEpilogue::Kind::BiasGelu : cuda::GemmEpilogue::Kind::Bias;
+    ep.bias = u16(bias);
+    cuda::gemm_f16_layer_norm(static_cast<const std::uint16_t*>(dev(x)), u16(gamma), u16(beta), eps,
+                              static_cast<std::uint16_t*>(dev(normed)), u16(w), dev(out), false, M,
+                              N, K, ep, stream_);
   }
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out) override {
@@ -972,6 +1015,7 @@ class CudaBackend final : public Backend {
   std::unordered_set<const void*> weights_;             // data of every uploaded weight
   // Decode steps.
   bool graphs_enabled_ = true;
+  bool fuse_layer_norm_ = false;  // options_.fuse_layer_norm or QG_CUDA_FUSE_LN=1
   int max_cache_blocks_ = 0;                            // blocks of the largest cache made
   DecodeStepInputs step_inputs_;
   std::uint64_t graphs_inputs_generation_ = 0;

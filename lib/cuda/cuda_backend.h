@@ -23,6 +23,10 @@ struct CudaBackendOptions {
   /// off, as does QG_CUDA_PROFILE (per-op timing needs the ops launched one by one).
   bool decode_graphs = true;
   int max_graph_rows = 64;
+  /// Fuse a LayerNorm into the linear that follows it for up to 16 rows (decode;
+  /// cuda::gemm_f16_layer_norm: one launch instead of two, the same bits); the environment
+  /// variable QG_CUDA_FUSE_LN=1 turns it on too. Off by default until it is timed on a GPU.
+  bool fuse_layer_norm = false;
 };
 
 std::unique_ptr<Backend> make_cuda_backend(int device, const CudaBackendOptions& options = {});

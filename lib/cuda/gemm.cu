@@ -167,4 +167,36 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
   }
 }
 
+void gemm_f16_layer_norm(const std::uint16_t* x, const std::uint16_t* gamma,
+                         const std::uint16_t* beta, float eps, std::uint16_t* normed,
+                         const std::uint16_t* w, void* y, bool y_fp32, std::int64_t M,
+                         std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
+                         cudaStream_t stream) {
+  QG_CHECK(M > 0 && M <= kGemmDecodeMaxM && N > 0 && K > 0 && K % 8 == 0,
+           "gemm_f16_layer_norm: M = ", M, " (1 .. ", kGemmDecodeMaxM, "), N = ", N, ", K = ", K,
+           " (a positive multiple of 8)");
+  QG_CHECK(eps >= 0.0f, "gemm_f16_layer_norm: eps ", eps, " is negative");
+  QG_CHECK(x && gamma && beta && normed && w && y,
+           "gemm_f16_layer_norm: x, gamma, beta, normed, w and y must be device pointers");
+  QG_CHECK(aligned(x, 16) && aligned(gamma, 16) && aligned(beta, 16) && aligned(normed, 16) &&
+               aligned(w, 16),
+           "gemm_f16_layer_norm: x, gamma, beta, normed and w must be 16-byte aligned");
+  const auto overlaps = [](const void* a, std::int64_t a_bytes, const void* b,
+                           std::int64_t b_bytes) {
+    const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
+    return pa < pb + static_cast<std::uintptr_t>(b_bytes) &&
+           pb < pa + static_cast<std::uintptr_t>(a_bytes);
+  };
+  const std::int64_t normed_bytes = M * K * 2;
+  QG_CHECK(!overlaps(normed, normed_bytes, x, M * K * 2) &&
+               !overlaps(normed, normed_bytes, w, N * K * 2) &&
+               !overlaps(normed, normed_bytes, y, M * N * (y_fp32 ? 4 : 2)),
+           "gemm_f16_layer_norm: normed must not overlap x, w or y");
+  const tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16_layer_norm");
+  launch_gemm_skinny_layer_norm(
+      reinterpret_cast<const __half*>(x), reinterpret_cast<const __half*>(gamma),
+      reinterpret_cast<const __half*>(beta), eps, reinterpret_cast<__half*>(normed),
+      reinterpret_cast<const __half*>(w), e, K, stream);
+}
+
 }  // namespace qg::cuda

@@ -40,6 +40,12 @@ bool launch_wgmma_nn(const __half* x, const __half* w, const tiles::Epilogue& e,
 void launch_gemm_skinny(const __half* x, const __half* w, const tiles::Epilogue& e,
                         std::int64_t K, cudaStream_t stream);
 
+/// \brief The decode GEMM of LayerNorm(x) for M <= kGemmDecodeMaxM, writing the normalised
+/// rows to `normed` too (gemm_f16_layer_norm; arguments already checked).
+void launch_gemm_skinny_layer_norm(const __half* x, const __half* gamma, const __half* beta,
+                                   float eps, __half* normed, const __half* w,
+                                   const tiles::Epilogue& e, std::int64_t K, cudaStream_t stream);
+
 /// \brief Checks the output pointer and `epilogue` of an [M, N] product (bias and residual
 /// present and aligned) and returns the device form; `op` names the caller in errors.
 tiles::Epilogue device_epilogue(const GemmEpilogue& epilogue, void* y, bool y_fp32,

@@ -21,6 +21,7 @@
 #include "cuda/chained_launch.cuh"
 #include "cuda/check.h"
 #include "cuda/half_vector.cuh"
+#include "cuda/layer_norm_math.cuh"
 #include "qinggeng/cuda/layer_norm.h"
 #include "qinggeng/error.h"
 
@@ -136,17 +137,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kVec; ++k) sum += __half2float(v.v[k]);
   });
-  const float mean = block_sum(sum, scratch) / static_cast<float>(cols);
+  const float mean = layer_norm_mean(block_sum(sum, scratch), static_cast<float>(cols));
   float sq = 0.0f;
   for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
     const HalfVec<kVec> v = row.again(i, u);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float d = __half2float(v.v[k]) - mean;
-      sq += d * d;
-    }
+    for (int k = 0; k < kVec; ++k) sq = layer_norm_square_add(sq, __half2float(v.v[k]), mean);
   });
-  const float inv = rsqrtf(block_sum(sq, scratch) / static_cast<float>(cols) + eps);
+  const float inv = layer_norm_rstd(block_sum(sq, scratch), static_cast<float>(cols), eps);
   if (mean_out != nullptr && threadIdx.x == 0) {
     mean_out[blockIdx.x] = mean;
     rstd_out[blockIdx.x] = inv;
@@ -156,8 +154,8 @@ __global__ void __launch_bounds__(kThreads)
     HalfVec<kVec> r;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      r.v[k] = __float2half_rn((__half2float(v.v[k]) - mean) * inv * __half2float(gv.v[k]) +
-                               __half2float(bv.v[k]));
+      r.v[k] = __float2half_rn(layer_norm_value(__half2float(v.v[k]), mean, inv,
+                                                __half2float(gv.v[k]), __half2float(bv.v[k])));
     }
     dst[i] = r;
   });

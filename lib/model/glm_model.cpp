@@ -159,19 +159,17 @@ Tensor GlmModel::forward_logits(const std::vector<SequenceChunk>& batch) const {
   for (std::size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
     const int i = static_cast<int>(li);
-    be.layer_norm(x, l.ln1_w, l.ln1_b, eps, a);
-    be.linear(a, l.qkv_w, l.qkv_b, qkv);
+    be.layer_norm_linear(x, l.ln1_w, l.ln1_b, eps, a, l.qkv_w, l.qkv_b, false, qkv);
     if (lora(i, LoraTarget::QueryKeyValue)) be.lora_add(a, qkv, i, LoraTarget::QueryKeyValue);
     be.attention(qkv, batch, i, shape, attn);
     be.linear_residual(attn, l.dense_w, l.dense_b, a, alpha, x);  // h = a * alpha + o
     if (lora(i, LoraTarget::Dense)) be.lora_add(attn, x, i, LoraTarget::Dense);  // additive
-    be.layer_norm(x, l.ln2_w, l.ln2_b, eps, a);                    // m
     if (lora(i, LoraTarget::DenseHTo4H)) {  // the adapter acts before the gelu
-      be.linear(a, l.fc1_w, l.fc1_b, mlp);
+      be.layer_norm_linear(x, l.ln2_w, l.ln2_b, eps, a, l.fc1_w, l.fc1_b, false, mlp);  // a = m
       be.lora_add(a, mlp, i, LoraTarget::DenseHTo4H);
       be.gelu(mlp);
     } else {
-      be.linear_gelu(a, l.fc1_w, l.fc1_b, mlp);
+      be.layer_norm_linear(x, l.ln2_w, l.ln2_b, eps, a, l.fc1_w, l.fc1_b, true, mlp);
     }
     be.linear_residual(mlp, l.fc2_w, l.fc2_b, a, alpha, x);  // x' = m * alpha + y
     if (lora(i, LoraTarget::Dense4HToH)) be.lora_add(mlp, x, i, LoraTarget::Dense4HToH);

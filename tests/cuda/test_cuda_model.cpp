@@ -2,8 +2,9 @@
 // harness (tests/backend_ops.h), then the full model on a tiny config and on a 2-layer
 // full-width (hidden 4096) random model — logits within fp16 tolerance, identical greedy
 // tokens, batched generation equal to one-by-one; decode steps replayed from CUDA graphs equal
-// to op-by-op steps bit for bit (batch sizes changing, LoRA rows, continuous batching), and
-// chained launches (PDL) on and off bit for bit.
+// to op-by-op steps bit for bit (batch sizes changing, LoRA rows, continuous batching),
+// chained launches (PDL) on and off bit for bit, and the LayerNorm fused into the decode GEMMs
+// (CudaBackendOptions::fuse_layer_norm) on and off bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "backend_ops.h"
 #include "catch.hpp"
 #include "cuda/chained_launch.cuh"
+#include "cuda/cuda_backend.h"
 #include "lora_fixtures.h"
 #include "model_fixtures.h"
 #include "qinggeng/engine/batch_generator.h"
@@ -310,4 +312,24 @@ TEST_CASE("chained launches (PDL) change no prefill or decode result, bit for bi
   INFO("chained launches active on this GPU: " << cuda::chained_launch_enabled());
   CHECK(chained.first == ordinary.first);
   CHECK(chained.second == ordinary.second);
+}
+
+TEST_CASE("the LayerNorm fused into the decode GEMMs changes no result, bit for bit") {
+  using lora::LoraTarget;
+  const auto config = test::sized_config(256, 4, 1024, 512, 512);
+  const auto dir = test::tiny_model_dir("cuda-fused-ln", 16, config);
+  auto run = [&](bool fused) {
+    model::CudaBackendOptions options;
+    options.fuse_layer_norm = fused;
+    auto gpu = model::GlmModel::load(dir, model::make_cuda_backend(0, options));
+    gpu.add_adapter(0, test::random_adapter(config,
+                                            {LoraTarget::QueryKeyValue, LoraTarget::Dense,
+                                             LoraTarget::DenseHTo4H, LoraTarget::Dense4HToH},
+                                            8, 6));
+    return std::make_pair(scripted_decode(gpu, false), scripted_decode(gpu, true));
+  };
+  const auto plain = run(false);
+  const auto fused = run(true);
+  CHECK(fused.first == plain.first);
+  CHECK(fused.second == plain.second);
 }

@@ -2,8 +2,10 @@
 // shapes, every epilogue and both output types; the Hopper wgmma tiles (both sizes, many
 // tiles, tails in M, N and K, odd N) for gemm_f16 and gemm_f16_nn; against cuBLAS at
 // model-sized shapes; batched decode equal to one-by-one; a low-rank term (GemmLowRank) equal
-// to the GEMM over the concatenated K; and the argument checks.
+// to the GEMM over the concatenated K; the decode GEMM with its input LayerNorm fused
+// (gemm_f16_layer_norm) equal to layer_norm then the skinny GEMM; and the argument checks.
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -17,6 +19,7 @@
 #include "catch.hpp"
 #include "qinggeng/cuda/gemm.h"
 #include "qinggeng/cuda/gemm_backward.h"
+#include "qinggeng/cuda/layer_norm.h"
 #include "qinggeng/tensor/dtype.h"
 
 namespace {
@@ -463,4 +466,73 @@ TEST_CASE("gemm_f16 rejects bad arguments with a message") {
   // M == 0 is an empty batch: nothing to do, no error.
   qg::cuda::gemm_f16(x, w, y, false, 0, 16, 64, none, nullptr);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+}
+
+TEST_CASE("gemm_f16_layer_norm equals layer_norm then the skinny GEMM, bit for bit") {
+  struct Shape {
+    std::int64_t M, N, K;
+  };
+  const float eps = 1e-5f;
+  std::uint32_t seed = 60;
+  for (const Shape sh : {Shape{1, 40, 64}, Shape{3, 300, 520}, Shape{16, 264, 4096},
+                         Shape{7, 4104, 1024}, Shape{1, 12288, 4096}}) {
+    INFO("M " << sh.M << " N " << sh.N << " K " << sh.K);
+    HostProblem p(sh.M, sh.N, sh.K, seed++);
+    // Rows with a mean far from 0 (the variance is taken about the mean), gamma around 1.
+    HostMatrix x = qg::test::random_matrix(sh.M, sh.K, seed++, 2.0f, 7.0f);
+    HostMatrix gamma = qg::test::random_matrix(1, sh.K, seed++, 0.3f, 1.0f);
+    HostMatrix beta = qg::test::random_matrix(1, sh.K, seed++, 0.2f);
+    round_to_half(x);
+    round_to_half(gamma);
+    round_to_half(beta);
+    GpuProblem gpu(x, p.w, p.bias, p.residual);
+    auto d_gamma = upload_half(gamma), d_beta = upload_half(beta);
+    const std::size_t normed_bytes = static_cast<std::size_t>(sh.M * sh.K) * 2;
+    DeviceBuffer normed_ref(normed_bytes), normed(normed_bytes);
+    for (const Kind kind : {Kind::None, Kind::Bias, Kind::BiasGelu, Kind::BiasResidual}) {
+      for (const bool fp32 : {false, true}) {
+        INFO("epilogue " << static_cast<int>(kind) << ", fp32 out " << fp32);
+        GemmEpilogue e;
+        e.kind = kind;
+        e.bias = gpu.bias->as<std::uint16_t>();
+        e.residual = gpu.residual->as<std::uint16_t>();
+        e.alpha = 0.75f;
+        qg::cuda::layer_norm(gpu.x->as<__half>(), d_gamma->as<__half>(), d_beta->as<__half>(), eps,
+                             sh.M, sh.K, normed_ref.as<__half>(), nullptr);
+        GpuProblem ref(x, p.w, p.bias, p.residual);  // y of the unfused pair
+        REQUIRE(cudaMemset(ref.y.as<void>(), 0xff, ref.y.bytes()) == cudaSuccess);
+        qg::cuda::gemm_f16(normed_ref.as<std::uint16_t>(), gpu.w->as<std::uint16_t>(),
+                           ref.y.as<void>(), fp32, sh.M, sh.N, sh.K, e, nullptr, GemmPath::Skinny);
+        REQUIRE(cudaMemset(gpu.y.as<void>(), 0xff, gpu.y.bytes()) == cudaSuccess);
+        REQUIRE(cudaMemset(normed.as<void>(), 0xff, normed_bytes) == cudaSuccess);
+        qg::cuda::gemm_f16_layer_norm(gpu.x->as<std::uint16_t>(), d_gamma->as<std::uint16_t>(),
+                                      d_beta->as<std::uint16_t>(), eps, normed.as<std::uint16_t>(),
+                                      gpu.w->as<std::uint16_t>(), gpu.y.as<void>(), fp32, sh.M,
+                                      sh.N, sh.K, e, nullptr);
+        REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+        const HostMatrix got_normed = download(normed, sh.M, sh.K, false);
+        const HostMatrix want_normed = download(normed_ref, sh.M, sh.K, false);
+        CHECK(count_non_finite(got_normed) == 0);
+        CHECK(got_normed.data == want_normed.data);
+        const HostMatrix got = download(gpu.y, sh.M, sh.N, fp32);
+        CHECK(count_non_finite(got) == 0);
+        CHECK(got.data == download(ref.y, sh.M, sh.N, fp32).data);
+      }
+    }
+  }
+  // Bad arguments, each named.
+  DeviceBuffer buf(64 * 64 * 16);
+  auto* b16 = buf.as<std::uint16_t>();
+  const GemmEpilogue none;
+  auto call = [&](std::int64_t M, std::int64_t K, const std::uint16_t* gamma,
+                  std::uint16_t* normed) {
+    qg::cuda::gemm_f16_layer_norm(b16, gamma, b16 + 4096, 1e-5f, normed, b16 + 8192, b16 + 16384,
+                                  false, M, 8, K, none, nullptr);
+  };
+  REQUIRE_THROWS_WITH(call(0, 64, b16, b16 + 20480), QG_CONTAINS("M = 0"));
+  REQUIRE_THROWS_WITH(call(17, 64, b16, b16 + 20480), QG_CONTAINS("M = 17"));
+  REQUIRE_THROWS_WITH(call(2, 12, b16, b16 + 20480), QG_CONTAINS("multiple of 8"));
+  REQUIRE_THROWS_WITH(call(2, 64, b16 + 1, b16 + 20480), QG_CONTAINS("16-byte aligned"));
+  REQUIRE_THROWS_WITH(call(2, 64, b16, b16 + 64), QG_CONTAINS("must not overlap"));
+  REQUIRE_THROWS_WITH(call(2, 64, nullptr, b16 + 20480), QG_CONTAINS("device pointers"));
 }

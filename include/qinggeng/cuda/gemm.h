@@ -73,6 +73,21 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
               std::int64_t M, std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
               cudaStream_t stream, GemmPath path = GemmPath::Auto);
 
+/// \brief The input LayerNorm of a decode-sized product fused into it: normed = LayerNorm(x) *
+/// gamma + beta over each row of x, and Y = epilogue(normed W^T), in one launch (each block
+/// takes the rows' statistics itself and normalises X as it streams W). The same bits as
+/// layer_norm(x, gamma, beta, eps, M, K, normed) (cuda/layer_norm.h) followed by gemm_f16 on
+/// the skinny path.
+/// \param x, gamma, beta, normed, w fp16, 16-byte aligned; x [M, K], gamma and beta [K],
+///        normed [M, K] (must not overlap x, w or y)
+/// \param M 1 .. kGemmDecodeMaxM; K a positive multiple of 8
+/// \throws qg::Error for bad sizes, misaligned or missing pointers, or a failed launch.
+void gemm_f16_layer_norm(const std::uint16_t* x, const std::uint16_t* gamma,
+                         const std::uint16_t* beta, float eps, std::uint16_t* normed,
+                         const std::uint16_t* w, void* y, bool y_fp32, std::int64_t M,
+                         std::int64_t N, std::int64_t K, const GemmEpilogue& epilogue,
+                         cudaStream_t stream);
+
 /// \brief Y[M, N] = epilogue(X[M, K] · W[N, K]^T + U V^T): gemm_f16 with a low-rank term
 /// (see GemmLowRank; a term with null u adds nothing). GemmPath::Skinny is rejected.
 void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp32, std::int64_t M,

@@ -89,6 +89,19 @@ class Backend {
     linear(x, weight, bias, out);
     gelu(out);
   }
+  /// \brief normed = LayerNorm(x) * gamma + beta, then out = normed W^T + bias, through
+  /// gelu_tanh when `gelu`: layer_norm followed by linear or linear_gelu, which a backend may
+  /// fuse (normed is written either way; it must not alias x or out).
+  virtual void layer_norm_linear(const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                                 float eps, Tensor& normed, const Tensor& weight,
+                                 const Tensor& bias, bool gelu, Tensor& out) {
+    layer_norm(x, gamma, beta, eps, normed);
+    if (gelu) {
+      linear_gelu(normed, weight, bias, out);
+    } else {
+      linear(normed, weight, bias, out);
+    }
+  }
   /// \brief out = residual * alpha + (x W^T + bias); out may alias residual.
   virtual void linear_residual(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                const Tensor& residual, float alpha, Tensor& out) {
