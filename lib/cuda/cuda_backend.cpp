@@ -447,10 +447,11 @@ class CudaBackend final : public Backend {
                          Tensor& out) override {
     // The fused kernel serves decode-sized fp16 products with a bias whose pointers allow its
     // 16-byte accesses (the layer norm kernel's vector path then, whose bits it reproduces).
-    const bool fused = fuse_layer_norm_ && x.rows() <= cuda::kGemmDecodeMaxM &&
-                       w.dtype() == DType::F16 && !bias.empty() && x.cols() % 8 == 0 &&
-                       all_aligned16({&x, &gamma, &beta, &normed, &w}) && !aliases(normed, x) &&
-                       !aliases(normed, out);
+    // (Its blocks write out and normed while others still read x.)
+    const bool fused = fuse_layer_norm_ && x.rows() > 0 && x.rows() <= cuda::kGemmDecodeMaxM &&
+                       w.dtype() == DType::F16 && out.dtype() == DType::F16 && !bias.empty() &&
+                       x.cols() % 8 == 0 && all_aligned16({&x, &gamma, &beta, &normed, &w}) &&
+                       !aliases(normed, x) && !aliases(normed, out) && !aliases(out, x);
     if (!fused) {
       Backend::layer_norm_linear(x, gamma, beta, eps, normed, w, bias, gelu, out);
       return;

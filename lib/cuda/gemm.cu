@@ -187,11 +187,23 @@ void gemm_f16_layer_norm(const std::uint16_t* x, const std::uint16_t* gamma,
     return pa < pb + static_cast<std::uintptr_t>(b_bytes) &&
            pb < pa + static_cast<std::uintptr_t>(a_bytes);
   };
-  const std::int64_t normed_bytes = M * K * 2;
-  QG_CHECK(!overlaps(normed, normed_bytes, x, M * K * 2) &&
-               !overlaps(normed, normed_bytes, w, N * K * 2) &&
-               !overlaps(normed, normed_bytes, y, M * N * (y_fp32 ? 4 : 2)),
-           "gemm_f16_layer_norm: normed must not overlap x, w or y");
+  // Blocks write normed and y while others still read x, w, gamma, beta and the epilogue's
+  // operands.
+  const std::int64_t normed_bytes = M * K * 2, x_bytes = M * K * 2;
+  const std::int64_t y_bytes = M * N * (y_fp32 ? 4 : 2);
+  const bool residual = epilogue.kind == GemmEpilogue::Kind::BiasResidual && epilogue.residual;
+  for (const auto& [p, bytes] : {std::pair<const void*, std::int64_t>{x, x_bytes},
+                                 {w, N * K * 2},
+                                 {gamma, K * 2},
+                                 {beta, K * 2},
+                                 {epilogue.bias, epilogue.bias ? N * 2 : 0},
+                                 {epilogue.residual, residual ? M * N * 2 : 0}}) {
+    QG_CHECK(!overlaps(normed, normed_bytes, p, bytes),
+             "gemm_f16_layer_norm: normed must not overlap x, w, gamma, beta or the epilogue's "
+             "operands");
+  }
+  QG_CHECK(!overlaps(normed, normed_bytes, y, y_bytes) && !overlaps(y, y_bytes, x, x_bytes),
+           "gemm_f16_layer_norm: y must not overlap x or normed");
   const tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16_layer_norm");
   launch_gemm_skinny_layer_norm(
       reinterpret_cast<const __half*>(x), reinterpret_cast<const __half*>(gamma),

@@ -46,6 +46,7 @@ struct SkinnyNorm {
 };
 
 constexpr int kNormMaxRows = 16;  // kNorm: one 16-row block
+static_assert(kGemmDecodeMaxM <= kNormMaxRows, "gemm_f16_layer_norm's rows fit one row block");
 
 // ---- CUDA kernels ----
 

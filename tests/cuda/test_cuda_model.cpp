@@ -7,6 +7,8 @@
 // (CudaBackendOptions::fuse_layer_norm) on and off bit for bit.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "backend_ops.h"
@@ -318,6 +320,14 @@ TEST_CASE("the LayerNorm fused into the decode GEMMs changes no result, bit for 
   using lora::LoraTarget;
   const auto config = test::sized_config(256, 4, 1024, 512, 512);
   const auto dir = test::tiny_model_dir("cuda-fused-ln", 16, config);
+  struct Unset {  // QG_CUDA_FUSE_LN=1 would fuse the plain run too; restored afterwards
+    const char* value = std::getenv("QG_CUDA_FUSE_LN");
+    std::string saved = value ? value : "";
+    Unset() { unsetenv("QG_CUDA_FUSE_LN"); }
+    ~Unset() {
+      if (value != nullptr) setenv("QG_CUDA_FUSE_LN", saved.c_str(), 1);
+    }
+  } unset;
   auto run = [&](bool fused) {
     model::CudaBackendOptions options;
     options.fuse_layer_norm = fused;

@@ -79,7 +79,8 @@ void gemm_f16(const std::uint16_t* x, const std::uint16_t* w, void* y, bool y_fp
 /// layer_norm(x, gamma, beta, eps, M, K, normed) (cuda/layer_norm.h) followed by gemm_f16 on
 /// the skinny path.
 /// \param x, gamma, beta, normed, w fp16, 16-byte aligned; x [M, K], gamma and beta [K],
-///        normed [M, K] (must not overlap x, w or y)
+///        normed [M, K]; normed overlaps no other operand, and y does not overlap x (the
+///        epilogue's residual may alias an fp16 y, as in gemm_f16)
 /// \param M 1 .. kGemmDecodeMaxM; K a positive multiple of 8
 /// \throws qg::Error for bad sizes, misaligned or missing pointers, or a failed launch.
 void gemm_f16_layer_norm(const std::uint16_t* x, const std::uint16_t* gamma,
