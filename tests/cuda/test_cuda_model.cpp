@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend_ops.h"
@@ -247,6 +250,20 @@ std::vector<std::vector<float>> scripted_decode(const model::GlmModel& m, bool g
   return trace;
 }
 
+/// The model in `dir` on `backend`, with adapter 0 on all four targets: scripted_decode op by
+/// op, then with decode graphs.
+std::pair<std::vector<std::vector<float>>, std::vector<std::vector<float>>> scripted_runs(
+    const std::filesystem::path& dir, const io::ModelConfig& config,
+    std::shared_ptr<model::Backend> backend) {
+  using lora::LoraTarget;
+  auto gpu = model::GlmModel::load(dir, std::move(backend));
+  gpu.add_adapter(0, test::random_adapter(config,
+                                          {LoraTarget::QueryKeyValue, LoraTarget::Dense,
+                                           LoraTarget::DenseHTo4H, LoraTarget::Dense4HToH},
+                                          8, 6));
+  return {scripted_decode(gpu, false), scripted_decode(gpu, true)};
+}
+
 }  // namespace
 
 TEST_CASE("decode steps replayed from CUDA graphs equal op-by-op steps bit for bit") {
@@ -292,7 +309,6 @@ TEST_CASE("decode steps replayed from CUDA graphs equal op-by-op steps bit for b
 }
 
 TEST_CASE("chained launches (PDL) change no prefill or decode result, bit for bit") {
-  using lora::LoraTarget;
   const auto config = test::sized_config(256, 4, 1024, 512, 512);
   const auto dir = test::tiny_model_dir("cuda-chained", 16, config);
   struct Restore {  // the switch as it was (QG_CUDA_PDL may have turned it on)
@@ -302,12 +318,7 @@ TEST_CASE("chained launches (PDL) change no prefill or decode result, bit for bi
   // Each setting gets its own backend, so graphs are captured under it.
   auto run = [&](bool chained) {
     cuda::set_chained_launch(chained);
-    auto gpu = model::GlmModel::load(dir, model::make_backend("cuda"));
-    gpu.add_adapter(0, test::random_adapter(config,
-                                            {LoraTarget::QueryKeyValue, LoraTarget::Dense,
-                                             LoraTarget::DenseHTo4H, LoraTarget::Dense4HToH},
-                                            8, 6));
-    return std::make_pair(scripted_decode(gpu, false), scripted_decode(gpu, true));
+    return scripted_runs(dir, config, model::make_backend("cuda"));
   };
   const auto ordinary = run(false);
   const auto chained = run(true);
@@ -317,7 +328,6 @@ TEST_CASE("chained launches (PDL) change no prefill or decode result, bit for bi
 }
 
 TEST_CASE("the LayerNorm fused into the decode GEMMs changes no result, bit for bit") {
-  using lora::LoraTarget;
   const auto config = test::sized_config(256, 4, 1024, 512, 512);
   const auto dir = test::tiny_model_dir("cuda-fused-ln", 16, config);
   struct Unset {  // QG_CUDA_FUSE_LN=1 would fuse the plain run too; restored afterwards
@@ -331,12 +341,7 @@ TEST_CASE("the LayerNorm fused into the decode GEMMs changes no result, bit for 
   auto run = [&](bool fused) {
     model::CudaBackendOptions options;
     options.fuse_layer_norm = fused;
-    auto gpu = model::GlmModel::load(dir, model::make_cuda_backend(0, options));
-    gpu.add_adapter(0, test::random_adapter(config,
-                                            {LoraTarget::QueryKeyValue, LoraTarget::Dense,
-                                             LoraTarget::DenseHTo4H, LoraTarget::Dense4HToH},
-                                            8, 6));
-    return std::make_pair(scripted_decode(gpu, false), scripted_decode(gpu, true));
+    return scripted_runs(dir, config, model::make_cuda_backend(0, options));
   };
   const auto plain = run(false);
   const auto fused = run(true);
