@@ -274,15 +274,26 @@ TEST_CASE(
     bool before = cuda::set_chained_launch(false);
     ~Restore() { cuda::set_chained_launch(before); }
   } restore;
-  auto step = [&](bool lora_in_gemm, bool chained, bool lora_tensor_cores = false) {
+  // One step of the batch with `options`, chained launches on or off.
+  auto run = [&](const train::CudaGradOptions& options, bool chained) {
     cuda::set_chained_launch(chained);
-    train::CudaGradOptions options;
-    options.lora_in_gemm = lora_in_gemm;
-    options.lora_tensor_cores = lora_tensor_cores;
     train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
     return gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
   };
+  auto step = [&](bool lora_in_gemm, bool chained) {
+    train::CudaGradOptions options;
+    options.lora_in_gemm = lora_in_gemm;
+    return run(options, chained);
+  };
   const auto base = step(false, false);
+  // Every gradient of r within `tolerance` (relative L2) of the plain step's.
+  auto check_grads = [&](const train::LossAndGrad& r, const char* what, double tolerance) {
+    REQUIRE(r.grads.size() == base.grads.size());
+    for (const auto& [name, grad] : r.grads) {
+      INFO(what << ": " << name);
+      CHECK(relative_l2(grad, base.grads.at(name)) < tolerance);
+    }
+  };
   for (const auto& [lora_in_gemm, chained] :
        {std::pair{true, false}, {false, true}, {true, true}}) {
     INFO("LoRA term in the GEMM " << lora_in_gemm << ", chained launches " << chained
@@ -303,40 +314,24 @@ TEST_CASE(
   }
   // The last layer on the labelled rows only: the same rows through the same kernels (GEMMs
   // with fewer rows may pick another tile shape), so the same function within rounding.
-  {
-    cuda::set_chained_launch(false);
-    train::CudaGradOptions options;
-    options.last_layer_labelled_rows = true;
-    train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
-    const auto r = gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
-    for (const auto& [name, grad] : r.grads) {
-      INFO("last layer on labelled rows: " << name);
-      CHECK(relative_l2(grad, base.grads.at(name)) < 2e-3);
-    }
-    CHECK(r.loss == Approx(base.loss).epsilon(1e-3));
-  }
+  train::CudaGradOptions labelled;
+  labelled.last_layer_labelled_rows = true;
+  const auto compact = run(labelled, false);
+  check_grads(compact, "last layer on labelled rows", 2e-3);
+  CHECK(compact.loss == Approx(base.loss).epsilon(1e-3));
   // The rotary's backward inside the attention backward: the same bits for dk (and dv), dq up
   // to the order of its fp32 atomics, as the chained-launch comparison above.
-  {
-    cuda::set_chained_launch(false);
-    train::CudaGradOptions options;
-    options.rotary_in_attention_backward = true;
-    train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
-    const auto r = gpu.loss_and_grad(batch, {3, 4, 5}, 99.0, 512.0f);
-    CHECK(r.loss == base.loss);
-    REQUIRE(r.grads.size() == base.grads.size());
-    for (const auto& [name, grad] : r.grads) {
-      INFO("rotary in the attention backward: " << name);
-      CHECK(relative_l2(grad, base.grads.at(name)) < 1e-5);
-    }
-  }
+  train::CudaGradOptions rotary;
+  rotary.rotary_in_attention_backward = true;
+  const auto fused = run(rotary, false);
+  CHECK(fused.loss == base.loss);
+  check_grads(fused, "rotary in the attention backward", 1e-5);
   // The LoRA passes on tensor cores: u, v and the factor gradients within fp32 rounding, so
   // only fp16 roundings of y and dx may flip.
-  const auto tensor_cores = step(false, false, true);
-  for (const auto& [name, grad] : tensor_cores.grads) {
-    INFO("LoRA on tensor cores: " << name);
-    CHECK(relative_l2(grad, base.grads.at(name)) < 1e-2);
-  }
+  train::CudaGradOptions mma;
+  mma.lora_tensor_cores = true;
+  const auto tensor_cores = run(mma, false);
+  check_grads(tensor_cores, "LoRA on tensor cores", 1e-2);
   CHECK(tensor_cores.loss == Approx(base.loss).epsilon(1e-3));
 }
 
