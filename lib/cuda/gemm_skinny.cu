@@ -107,11 +107,7 @@ __device__ __forceinline__ void normalize_slice(SkinnyRegs<1>& r, const SkinnyNo
 #pragma unroll
     for (int rb = 0; rb < 2; ++rb) {
       auto& v = *reinterpret_cast<HalfVec<8>*>(&r.x[0][rb][h]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v.v[i] = __float2half_rn(layer_norm_value(__half2float(v.v[i]), mean[rb], rstd[rb],
-                                                  __half2float(g.v[i]), __half2float(b.v[i])));
-      }
+      v = layer_norm_vector(v, mean[rb], rstd[rb], g, b);
     }
   }
 }
@@ -199,13 +195,8 @@ __device__ void write_normed_share(const __half* __restrict__ x, const SkinnyNor
     const HalfVec<8> v = reinterpret_cast<const HalfVec<8>*>(x + m * K)[i];
     const HalfVec<8> g = reinterpret_cast<const HalfVec<8>*>(norm.gamma)[i];
     const HalfVec<8> b = reinterpret_cast<const HalfVec<8>*>(norm.beta)[i];
-    HalfVec<8> r;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      r.v[k] = __float2half_rn(layer_norm_value(__half2float(v.v[k]), row_mean[m], row_rstd[m],
-                                                __half2float(g.v[k]), __half2float(b.v[k])));
-    }
-    reinterpret_cast<HalfVec<8>*>(norm.normed + m * K)[i] = r;
+    reinterpret_cast<HalfVec<8>*>(norm.normed + m * K)[i] =
+        layer_norm_vector(v, row_mean[m], row_rstd[m], g, b);
   }
 }
 

@@ -150,14 +150,7 @@ __global__ void __launch_bounds__(kThreads)
     rstd_out[blockIdx.x] = inv;
   }
   for_each_unit<kUnits>(units, [&](std::int64_t i, int u) {
-    const HalfVec<kVec> v = row.again(i, u), gv = g.again(i, u), bv = bt.again(i, u);
-    HalfVec<kVec> r;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      r.v[k] = __float2half_rn(layer_norm_value(__half2float(v.v[k]), mean, inv,
-                                                __half2float(gv.v[k]), __half2float(bv.v[k])));
-    }
-    dst[i] = r;
+    dst[i] = layer_norm_vector(row.again(i, u), mean, inv, g.again(i, u), bt.again(i, u));
   });
 }
 

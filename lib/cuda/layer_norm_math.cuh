@@ -9,6 +9,8 @@
 
 #include <cuda_fp16.h>
 
+#include "cuda/half_vector.cuh"
+
 namespace qg::cuda {
 
 #ifdef __CUDACC__
@@ -22,6 +24,20 @@ __device__ __forceinline__ float layer_norm_square_add(float sq, float x, float 
 __device__ __forceinline__ float layer_norm_value(float x, float mean, float inv, float gamma,
                                                   float beta) {
   return __fmaf_rn(__fmul_rn(__fsub_rn(x, mean), inv), gamma, beta);
+}
+
+/// \brief A vector of x normalised and rounded to fp16, as the LayerNorm stores it.
+template <int kVec>
+__device__ __forceinline__ HalfVec<kVec> layer_norm_vector(const HalfVec<kVec>& x, float mean,
+                                                           float inv, const HalfVec<kVec>& gamma,
+                                                           const HalfVec<kVec>& beta) {
+  HalfVec<kVec> r;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    r.v[k] = __float2half_rn(layer_norm_value(__half2float(x.v[k]), mean, inv,
+                                              __half2float(gamma.v[k]), __half2float(beta.v[k])));
+  }
+  return r;
 }
 
 /// \brief The row's mean from the block total of its values.
