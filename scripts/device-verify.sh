@@ -15,12 +15,13 @@
 #            chained launches off and on; decode again with the LayerNorm fused into the next
 #            GEMM (QG_CUDA_FUSE_LN=1)
 #   profile  Nsight Compute on the LoRA training kernels of both kinds
-# It builds first (scripts/device-build.sh; incremental when BUILD_DIR is kept). Logs go to
-# $OUT (or ./out), one file per run, and a summary of the benchmark lines ends the output.
+# It builds first (scripts/device-build.sh; incremental when BUILD_DIR is kept), unless the call
+# carried .carry-device, made by scripts/device-prebuild.sh from these very sources. Logs go
+# to $OUT (or ./out), one file per run, and a summary of the benchmark lines ends the output.
 # A run takes up to 10 minutes on a device call, so split the stages over three calls: build +
-# tests + kernels (about 4 minutes), train (about 5; each training-step variant builds a random
-# 6B model, about 25 s), models (about 6). The build directory survives between calls only
-# while the machine stays warm.
+# tests + kernels (about 4 minutes; 2 less prebuilt), train (about 5; each training-step
+# variant builds a random 6B model, about 25 s), models (about 6). A build directory survives
+# between calls only while the machine stays warm; the prebuilt pack travels with each call.
 #   usage: scripts/device-verify.sh [BUILD_DIR] [STAGE...]
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,18 +32,40 @@ out=${OUT:-$src/out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=/tmp/qg-debs/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1
-if ! "$src/scripts/device-build.sh" "$build" -DQG_BUILD_TESTS=ON -DQG_BUILD_BENCH=ON \
-    > "$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"
-  exit 1
+# The programs scripts/device-prebuild.sh packed on the CPU machine run as they are when the
+# call carried .carry-device, its stamp is these sources' and every library resolves here.
+bin=
+pack=$src/.carry-device
+if [ -f "$pack/stamp" ] && [ "$(cat "$pack/stamp")" = "$("$src/scripts/source-stamp.sh")" ]; then
+  libs=/tmp/qg-prebuilt
+  if [ ! -d "$libs/usr" ]; then
+    for deb in "$pack"/debs/*.deb; do dpkg -x "$deb" "$libs"; done
+  fi
+  paths=$pack/lib:$libs/usr/lib/x86_64-linux-gnu:/usr/local/cuda/lib64:$LD_LIBRARY_PATH
+  if LD_LIBRARY_PATH=$paths ldd "$pack/bin/qg_cuda_tests" "$pack/bin/qg_bench" 2>&1 |
+      tee "$out/build.log" | grep -q 'not found'; then
+    echo "prebuilt programs unusable here (not found above); building" >> "$out/build.log"
+  else
+    export LD_LIBRARY_PATH=$paths
+    bin=$pack/bin
+    echo "using the prebuilt programs of .carry-device (stamp $(cat "$pack/stamp"))"
+  fi
 fi
-bench=$build/bin/qg_bench
+if [ -z "$bin" ]; then
+  if ! "$src/scripts/device-build.sh" "$build" -DQG_BUILD_TESTS=ON -DQG_BUILD_BENCH=ON \
+      >> "$out/build.log" 2>&1; then
+    tail -40 "$out/build.log"
+    exit 1
+  fi
+  bin=$build/bin
+fi
+bench=$bin/qg_bench
 models='BM_ModelDecode/(1|4|16|64)/128/1|BM_ModelDecode/1/1024/1|BM_ModelPrefill'
 logs=()
 for stage in $stages; do
   case $stage in
     tests)
-      timeout 300 "$build/bin/qg_cuda_tests" > "$out/cuda_tests.txt" 2>&1
+      timeout 300 "$bin/qg_cuda_tests" > "$out/cuda_tests.txt" 2>&1
       echo "qg_cuda_tests exit status $?" >> "$out/cuda_tests.txt"
       tail -3 "$out/cuda_tests.txt" ;;
     kernels)
