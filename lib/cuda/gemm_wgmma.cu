@@ -233,8 +233,10 @@ __global__ void __launch_bounds__(S::Threads, 1)
       tiles::store_row8(e, std::int64_t{m0} + r, std::int64_t{n0} + c, v, vectors,
                         residual_slots[b * kConsumerThreads + ct]);
     }
-    // The next batch into the same slots, after this batch's reads (program order).
+    // The next batch into the same slots, after this batch's reads: the cp.async helpers
+    // declare no memory effects, so a compiler barrier keeps the slot loads above them.
     if (prefetch && g0 + kBatch * kConsumerThreads < kGroups) {
+      asm volatile("" ::: "memory");
       fetch_residuals(g0 + kBatch * kConsumerThreads);
     }
   }

@@ -270,15 +270,22 @@ TEST_CASE("gemm_f16_nn on wgmma 128x256 tiles: more tiles than SMs, tails, resid
     REQUIRE(count_non_finite(got) == 0);
     CHECK(qg::test::tolerance_ratio(got, expect, 2e-3, 2e-3) <= 1.0);
   }
-  // y = residual * alpha + X W with y and the residual the same buffer.
-  auto y = upload_half(res);
+  // y = residual * alpha + X W, out of place, then with y and the residual the same buffer
+  // (the same bits).
+  auto residual = upload_half(res), y = upload_half(res);
+  DeviceBuffer separate(static_cast<std::size_t>(M * N) * 2);
   qg::cuda::GemmNnEpilogue e;
-  e.residual = y->as<std::uint16_t>();
+  e.residual = residual->as<std::uint16_t>();
   e.alpha = alpha;
+  qg::cuda::gemm_f16_nn(gx->as<std::uint16_t>(), gw->as<std::uint16_t>(), separate.as<void>(),
+                        false, M, N, K, e, nullptr);
+  e.residual = y->as<std::uint16_t>();
   qg::cuda::gemm_f16_nn(gx->as<std::uint16_t>(), gw->as<std::uint16_t>(), y->as<void>(), false, M,
                         N, K, e, nullptr);
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  CHECK(qg::test::tolerance_ratio(download(*y, M, N, false), with_res, 2e-3, 2e-3) <= 1.0);
+  const HostMatrix in_place = download(*y, M, N, false);
+  CHECK(qg::test::tolerance_ratio(in_place, with_res, 2e-3, 2e-3) <= 1.0);
+  CHECK(in_place.data == download(separate, M, N, false).data);
 }
 
 namespace {
@@ -366,19 +373,34 @@ TEST_CASE("gemm_f16 rejects a bad low-rank term with a message") {
 
 TEST_CASE("gemm_f16 residual epilogue may update y in place") {
   // Every family; the wgmma shapes have a row tail and N a multiple of 8 but not of the tile
-  // width (its epilogue fetches residuals ahead of the stores that overwrite them).
+  // width (its epilogue fetches residuals ahead of the stores that overwrite them). 1000 x 4000
+  // takes 128x256 tiles on a 132-SM H100, where each thread fetches two batches a tile. In
+  // place gives the same path's bits out of place; a residual 4-byte but not 16-byte aligned
+  // (no 16-byte rows, no fetching ahead) gives the same values.
   struct Shape {
     std::int64_t M, N, K;
   };
-  for (const Shape s : {Shape{5, 40, 64}, Shape{300, 520, 128}, Shape{257, 1032, 64}}) {
-    INFO("M " << s.M << " N " << s.N << " K " << s.K);
+  cudaDeviceProp prop{};
+  REQUIRE(cudaGetDeviceProperties(&prop, 0) == cudaSuccess);
+  for (const Shape s :
+       {Shape{5, 40, 64}, Shape{300, 520, 128}, Shape{257, 1032, 64}, Shape{1000, 4000, 72}}) {
+    INFO("M " << s.M << " N " << s.N << " K " << s.K << " plan " << qg::cuda::gemm_plan(s.M, s.N));
+    if (s.M == 1000 && wgmma_available() && prop.multiProcessorCount == 132) {
+      CHECK(qg::cuda::gemm_plan(s.M, s.N) == "wgmma 128x256");
+    }
     HostProblem p(s.M, s.N, s.K, 7);
     GpuProblem gpu(p.x, p.w, p.bias, p.residual);
     const HostMatrix expect = gpu.run(Kind::BiasResidual, 0.5f, false, GemmPath::Tiled);
+    const std::size_t elements = static_cast<std::size_t>(s.M * s.N);
+    DeviceBuffer shifted((elements + 8) * 2);  // the residual 2 halves (4 bytes) in
+    REQUIRE(cudaMemcpy(shifted.as<std::uint16_t>() + 2, gpu.residual->as<void>(), elements * 2,
+                       cudaMemcpyDeviceToDevice) == cudaSuccess);
     std::vector<GemmPath> paths{GemmPath::Tiled};
     if (s.M <= qg::cuda::kGemmSkinnyMaxM) paths.push_back(GemmPath::Skinny);
     if (wgmma_available()) paths.push_back(GemmPath::Wgmma);
     for (GemmPath path : paths) {
+      INFO("path " << static_cast<int>(path));
+      const HostMatrix out_of_place = gpu.run(Kind::BiasResidual, 0.5f, false, path);
       // residual and y are the same buffer: each element is read before it is written.
       auto y = upload_half(p.residual);
       GemmEpilogue e{Kind::BiasResidual, gpu.bias->as<std::uint16_t>(), y->as<std::uint16_t>(),
@@ -386,7 +408,16 @@ TEST_CASE("gemm_f16 residual epilogue may update y in place") {
       qg::cuda::gemm_f16(gpu.x->as<std::uint16_t>(), gpu.w->as<std::uint16_t>(), y->as<void>(),
                          false, s.M, s.N, s.K, e, nullptr, path);
       REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-      CHECK(qg::test::tolerance_ratio(download(*y, s.M, s.N, false), expect, 1e-3, 1e-3) <= 1.0);
+      const HostMatrix in_place = download(*y, s.M, s.N, false);
+      CHECK(qg::test::tolerance_ratio(in_place, expect, 1e-3, 1e-3) <= 1.0);
+      CHECK(in_place.data == out_of_place.data);
+
+      e.residual = shifted.as<std::uint16_t>() + 2;
+      REQUIRE(cudaMemset(gpu.y.as<void>(), 0xff, gpu.y.bytes()) == cudaSuccess);
+      qg::cuda::gemm_f16(gpu.x->as<std::uint16_t>(), gpu.w->as<std::uint16_t>(), gpu.y.as<void>(),
+                         false, s.M, s.N, s.K, e, nullptr, path);
+      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+      CHECK(qg::test::tolerance_ratio(download(gpu.y, s.M, s.N, false), expect, 1e-3, 1e-3) <= 1.0);
     }
   }
 }
