@@ -447,11 +447,17 @@ class CudaBackend final : public Backend {
                          Tensor& out) override {
     // The fused kernel serves decode-sized fp16 products with a bias whose pointers allow its
     // 16-byte accesses (the layer norm kernel's vector path then, whose bits it reproduces).
-    // (Its blocks write out and normed while others still read x.)
+    // (Its blocks write out and normed while others still read x, gamma, beta, w and bias.)
+    const auto apart_from_inputs = [&](const Tensor& t) {
+      for (const Tensor* in : {&x, &gamma, &beta, &w, &bias}) {
+        if (aliases(t, *in)) return false;
+      }
+      return true;
+    };
     const bool fused = fuse_layer_norm_ && x.rows() > 0 && x.rows() <= cuda::kGemmDecodeMaxM &&
                        w.dtype() == DType::F16 && out.dtype() == DType::F16 && !bias.empty() &&
                        x.cols() % 8 == 0 && all_aligned16({&x, &gamma, &beta, &normed, &w}) &&
-                       !aliases(normed, x) && !aliases(normed, out) && !aliases(out, x);
+                       apart_from_inputs(normed) && apart_from_inputs(out) && !aliases(normed, out);
     if (!fused) {
       Backend::layer_norm_linear(x, gamma, beta, eps, normed, w, bias, gelu, out);
       return;

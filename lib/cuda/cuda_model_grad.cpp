@@ -579,7 +579,8 @@ struct CudaModelGrad::Impl {
 
   // ---- backward ----
 
-  void layer_backward(int l) {
+  // `lowest`: lowest_adapted(), where the backward ends.
+  void layer_backward(int l, std::pair<int, int> lowest) {
     const Index T = row_start.back();
     const LayerWeights& w = layers[static_cast<std::size_t>(l)];
     const float alpha = static_cast<float>(model::kGlmResidualAlpha);
@@ -600,10 +601,7 @@ struct CudaModelGrad::Impl {
     // In the lowest adapted layer the backward ends with its first adapted target: nothing
     // below it is trained (the embeddings are frozen), so that target's dx and every gradient
     // under it are skipped. last(t): target t is where this layer's backward ends.
-    const auto [low_layer, low_target] = lowest_adapted();
-    auto last = [&, low_layer = low_layer, low_target = low_target](int t) {
-      return l == low_layer && t == low_target;
-    };
+    auto last = [&](int t) { return l == lowest.first && t == lowest.second; };
     // The part after the attention has R rows (layer_forward); with the labelled rows only,
     // dh and dattn are formed compact in da and dqkv (free until the attention backward) and
     // scattered into zeroed full-height gradients.
@@ -677,8 +675,8 @@ struct CudaModelGrad::Impl {
     cuda::layer_norm_backward(xs[static_cast<std::size_t>(L())], half_ptr(final_w), mean_f, rstd_f,
                               dm, rows_after_attention(L() - 1), H(), dout, nullptr, nullptr,
                               stream);
-    const int lowest = lowest_adapted().first;  // nothing below it is trained
-    for (int l = L() - 1; l >= lowest; --l) layer_backward(l);
+    const auto lowest = lowest_adapted();  // nothing below it is trained
+    for (int l = L() - 1; l >= lowest.first; --l) layer_backward(l, lowest);
   }
 
   void zero_grads() {

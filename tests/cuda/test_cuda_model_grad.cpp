@@ -193,16 +193,22 @@ TEST_CASE("GPU LoRA backward ends at the lowest adapted target and still matches
     const lora::LoraAdapter adapter = dropout_adapter(c, targets, layers);
     const train::ModelGrad cpu = train::ModelGrad::lora(c, store, adapter);
     const train::LossAndGrad want = reference_batch(cpu, examples, seeds, scored);
-    for (const auto& [checkpoint, labelled_rows] :
-         {std::pair{false, false}, {true, false}, {false, true}, {true, true}}) {
+    struct Variant {
+      bool checkpoint, labelled_rows, tensor_cores;  // (the LoRA passes' input-side-only end)
+    };
+    for (const auto& [checkpoint, labelled_rows, tensor_cores] :
+         {Variant{false, false, false}, Variant{true, false, false}, Variant{false, true, false},
+          Variant{true, true, false}, Variant{false, false, true}, Variant{true, true, true}}) {
       train::CudaGradOptions options;
       options.checkpoint_layers = checkpoint;
       options.last_layer_labelled_rows = labelled_rows;
+      options.lora_tensor_cores = tensor_cores;
       train::CudaModelGrad gpu(c, store_source(store), adapter, 0, options);
       const train::LossAndGrad r = gpu.loss_and_grad(batch, seeds, scored, 1024.0f);
       INFO("first target " << lora::target_module(targets[0]) << ", layers "
                            << (layers.empty() ? "all" : "1") << ", checkpoint " << checkpoint
-                           << ", last layer on labelled rows " << labelled_rows);
+                           << ", last layer on labelled rows " << labelled_rows
+                           << ", LoRA on tensor cores " << tensor_cores);
       CHECK(r.loss == Approx(want.loss).epsilon(1e-2));
       REQUIRE(r.grads.size() == want.grads.size());
       for (const auto& [name, grad] : want.grads) {

@@ -505,8 +505,11 @@ TEST_CASE("gemm_f16_layer_norm equals layer_norm then the skinny GEMM, bit for b
   };
   const float eps = 1e-5f;
   std::uint32_t seed = 60;
-  for (const Shape sh : {Shape{1, 40, 64}, Shape{3, 300, 520}, Shape{16, 264, 4096},
-                         Shape{7, 4104, 1024}, Shape{1, 12288, 4096}}) {
+  // K = 6000 and 10000: the LayerNorm kernel's rows of 3 vectors a thread and rows read again
+  // (past 4); M = 12: a lane's second row half partly filled.
+  for (const Shape sh :
+       {Shape{1, 40, 64}, Shape{3, 300, 520}, Shape{16, 264, 4096}, Shape{7, 4104, 1024},
+        Shape{1, 12288, 4096}, Shape{12, 520, 6000}, Shape{2, 264, 10000}}) {
     INFO("M " << sh.M << " N " << sh.N << " K " << sh.K);
     HostProblem p(sh.M, sh.N, sh.K, seed++);
     // Rows with a mean far from 0 (the variance is taken about the mean), gamma around 1.
@@ -547,6 +550,16 @@ TEST_CASE("gemm_f16_layer_norm equals layer_norm then the skinny GEMM, bit for b
         const HostMatrix got = download(gpu.y, sh.M, sh.N, fp32);
         CHECK(count_non_finite(got) == 0);
         CHECK(got.data == download(y_ref, sh.M, sh.N, fp32).data);
+        if (kind == Kind::BiasResidual && !fp32) {  // y the residual, updated in place
+          auto y = upload_half(p.residual);
+          e.residual = y->as<std::uint16_t>();
+          qg::cuda::gemm_f16_layer_norm(gpu.x->as<std::uint16_t>(), d_gamma->as<std::uint16_t>(),
+                                        d_beta->as<std::uint16_t>(), eps,
+                                        normed.as<std::uint16_t>(), gpu.w->as<std::uint16_t>(),
+                                        y->as<void>(), false, sh.M, sh.N, sh.K, e, nullptr);
+          REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+          CHECK(download(*y, sh.M, sh.N, false).data == got.data);
+        }
       }
     }
   }
@@ -564,5 +577,6 @@ TEST_CASE("gemm_f16_layer_norm equals layer_norm then the skinny GEMM, bit for b
   REQUIRE_THROWS_WITH(call(2, 12, b16, b16 + 20480), QG_CONTAINS("multiple of 8"));
   REQUIRE_THROWS_WITH(call(2, 64, b16 + 1, b16 + 20480), QG_CONTAINS("16-byte aligned"));
   REQUIRE_THROWS_WITH(call(2, 64, b16, b16 + 64), QG_CONTAINS("must not overlap"));
+  REQUIRE_THROWS_WITH(call(2, 64, b16 + 16384, b16 + 20480), QG_CONTAINS("y must not overlap"));
   REQUIRE_THROWS_WITH(call(2, 64, nullptr, b16 + 20480), QG_CONTAINS("device pointers"));
 }

@@ -34,11 +34,15 @@ struct LnShape {
 }  // namespace
 
 TEST_CASE("GPU layer_norm forward with stats and backward match the CPU reference", "[train-ops]") {
-  // Rows held in registers between passes (2 or 4 vectors a thread) and rows read again; more
-  // rows than the dgamma / dbeta grid (2 blocks an SM) make blocks take several rows.
-  for (const LnShape s : {LnShape{1, 8}, LnShape{7, 100}, LnShape{5, 4099}, LnShape{300, 1024},
-                          LnShape{2048, 4096}, LnShape{9, 777}, LnShape{33, 6000},
-                          LnShape{4, 10000}, LnShape{600, 6000}, LnShape{600, 777}}) {
+  // Rows held in registers between passes (2 or 4 vectors a thread; the widths at and past
+  // each limit, 16-byte and scalar) and rows read again; more rows than the dgamma / dbeta grid
+  // (2 blocks an SM) make blocks take several rows; 30000 columns of dgamma and dbeta partials
+  // exceed shared memory (accumulated in global memory instead).
+  for (const LnShape s :
+       {LnShape{1, 8}, LnShape{7, 100}, LnShape{5, 4099}, LnShape{300, 1024}, LnShape{2048, 4096},
+        LnShape{9, 777}, LnShape{33, 6000}, LnShape{4, 10000}, LnShape{600, 6000},
+        LnShape{600, 777}, LnShape{5, 4104}, LnShape{5, 8192}, LnShape{5, 8200}, LnShape{9, 512},
+        LnShape{9, 513}, LnShape{9, 1025}, LnShape{3, 30000}, LnShape{3, 30001}}) {
     INFO("rows " << s.rows << ", cols " << s.cols);
     const HostMatrix x = random_fp16(s.rows, s.cols, 1, 2.0f, 5.0f);
     const HostMatrix gamma = random_fp16(1, s.cols, 2, 0.5f, 1.0f), beta = random_fp16(1, s.cols, 3);
@@ -77,16 +81,66 @@ TEST_CASE("GPU layer_norm forward with stats and backward match the CPU referenc
     CHECK(relative_l2(got_dgamma, dgamma) < 1e-4);
     CHECK(relative_l2(got_dbeta, dbeta) < 1e-4);
 
-    // dx aliasing dy, frozen norm (no dgamma / dbeta), and dbeta alone.
+    // dx aliasing dy with dgamma alone, a frozen norm (no dgamma / dbeta), and dbeta alone.
+    d_dgamma.upload(std::vector<float>(s.cols, 0.0f));
     qg::cuda::layer_norm_backward(d_x.get(), d_gamma.get(), d_mean.get(), d_rstd.get(), d_dy.get(),
-                                  s.rows, s.cols, d_dy.get(), nullptr, nullptr, nullptr);
+                                  s.rows, s.cols, d_dy.get(), d_dgamma.get(), nullptr, nullptr);
     CHECK(relative_l2(qg::test::download_fp16(d_dy, s.rows, s.cols).data, dx) < 5e-3);
+    CHECK(relative_l2(d_dgamma.download(), dgamma) < 1e-4);
     qg::test::upload_fp16(d_dy, dy);
+    qg::cuda::layer_norm_backward(d_x.get(), d_gamma.get(), d_mean.get(), d_rstd.get(), d_dy.get(),
+                                  s.rows, s.cols, d_dx.get(), nullptr, nullptr, nullptr);
+    CHECK(relative_l2(qg::test::download_fp16(d_dx, s.rows, s.cols).data, dx) < 5e-3);
     d_dbeta.upload(std::vector<float>(s.cols, 0.0f));
     qg::cuda::layer_norm_backward(d_x.get(), d_gamma.get(), d_mean.get(), d_rstd.get(), d_dy.get(),
                                   s.rows, s.cols, d_dx.get(), nullptr, d_dbeta.get(), nullptr);
     CHECK(relative_l2(d_dbeta.download(), dbeta) < 1e-4);
   }
+}
+
+TEST_CASE("GPU layer_norm with rows not 16-byte aligned (scalar path) matches the aligned one",
+          "[train-ops]") {
+  // 4096 columns would take 16-byte vectors; x, y, dy and dx one element into their buffers
+  // take the scalar path, which must give the aligned path's values.
+  const std::int64_t rows = 3, cols = 4096;
+  const auto n = static_cast<std::size_t>(rows * cols);
+  const HostMatrix x = random_fp16(rows, cols, 11, 2.0f, 5.0f), dy = random_fp16(rows, cols, 12);
+  const HostMatrix gamma = random_fp16(1, cols, 13, 0.5f, 1.0f), beta = random_fp16(1, cols, 14);
+  DeviceBuffer<__half> d_gamma(cols), d_beta(cols);
+  qg::test::upload_fp16(d_gamma, gamma);
+  qg::test::upload_fp16(d_beta, beta);
+  struct Run {
+    HostMatrix y, dx;
+    std::vector<float> dgamma;
+  };
+  const auto run = [&](std::size_t offset) {
+    DeviceBuffer<__half> packed_x(n), packed_dy(n), d_x(n + 1), d_y(n + 1), d_dy(n + 1),
+        d_dx(n + 1);
+    qg::test::upload_fp16(packed_x, x);
+    qg::test::upload_fp16(packed_dy, dy);
+    REQUIRE(cudaMemcpy(d_x.get() + offset, packed_x.get(), n * 2, cudaMemcpyDeviceToDevice) ==
+            cudaSuccess);
+    REQUIRE(cudaMemcpy(d_dy.get() + offset, packed_dy.get(), n * 2, cudaMemcpyDeviceToDevice) ==
+            cudaSuccess);
+    DeviceBuffer<float> d_mean(rows), d_rstd(rows), d_dgamma(cols);
+    d_dgamma.upload(std::vector<float>(cols, 0.0f));
+    qg::cuda::layer_norm_forward_stats(d_x.get() + offset, d_gamma.get(), d_beta.get(), 1e-5f, rows,
+                                       cols, d_y.get() + offset, d_mean.get(), d_rstd.get(),
+                                       nullptr);
+    qg::cuda::layer_norm_backward(d_x.get() + offset, d_gamma.get(), d_mean.get(), d_rstd.get(),
+                                  d_dy.get() + offset, rows, cols, d_dx.get() + offset,
+                                  d_dgamma.get(), nullptr, nullptr);
+    const auto host = [&](DeviceBuffer<__half>& buf) {
+      REQUIRE(cudaMemcpy(packed_x.get(), buf.get() + offset, n * 2, cudaMemcpyDeviceToDevice) ==
+              cudaSuccess);
+      return qg::test::download_fp16(packed_x, rows, cols);
+    };
+    return Run{host(d_y), host(d_dx), d_dgamma.download()};
+  };
+  const Run aligned = run(0), scalar = run(1);
+  CHECK(qg::test::tolerance_ratio(scalar.y, aligned.y, 1e-3, 1e-3) <= 1.0);
+  CHECK(qg::test::tolerance_ratio(scalar.dx, aligned.dx, 1e-3, 2e-3) <= 1.0);
+  CHECK(relative_l2(scalar.dgamma, aligned.dgamma) < 1e-5);
 }
 
 TEST_CASE("GPU layer_norm training entry points reject bad arguments", "[train-ops]") {
@@ -110,9 +164,9 @@ TEST_CASE("GPU layer_norm training entry points reject bad arguments", "[train-o
 
 TEST_CASE("GPU gelu_tanh_out and gelu_tanh_backward match the CPU reference", "[train-ops]") {
   // Random values, and (count 0 below) the tails where the GPU's sigmoid form saturates.
-  const std::vector<float> tails = {-60000.0f, -200.0f, -50.0f, -12.0f, -9.0f,    -7.0f,
-                                    -3.0f,     -0.75f,  -0.5f,  0.0f,   0.5f,     3.0f,
-                                    7.0f,      12.0f,   50.0f,  200.0f, 60000.0f, 1e-4f};
+  const std::vector<float> tails = {-65504.0f, -60000.0f, -200.0f, -50.0f,   -12.0f,   -9.0f, -7.0f,
+                                    -3.0f,     -0.75f,    -0.5f,   0.0f,     0.5f,     3.0f,  7.0f,
+                                    12.0f,     50.0f,     200.0f,  60000.0f, 65504.0f, 1e-4f};
   for (const std::int64_t count :
        {std::int64_t{0}, std::int64_t{8}, std::int64_t{1001}, std::int64_t{4096 * 33}}) {
     INFO("count " << count);
