@@ -192,21 +192,22 @@ void gemm_f16_layer_norm(const std::uint16_t* x, const std::uint16_t* gamma,
   const std::int64_t normed_bytes = M * K * 2, x_bytes = M * K * 2;
   const std::int64_t y_bytes = M * N * (y_fp32 ? 4 : 2);
   const bool residual = epilogue.kind == GemmEpilogue::Kind::BiasResidual && epilogue.residual;
-  // (y may be the residual: each element is read by the thread that writes it.)
-  const std::pair<const void*, std::int64_t> read[] = {
+  constexpr const char* kNormedApart =
+      "gemm_f16_layer_norm: normed must not overlap x, w, gamma, beta or the epilogue's operands";
+  // (y may still be the residual: each element is read by the thread that writes it.)
+  const std::pair<const void*, std::int64_t> shared_inputs[] = {
       {x, x_bytes},
       {w, N * K * 2},
       {gamma, K * 2},
       {beta, K * 2},
-      {epilogue.bias, epilogue.bias ? N * 2 : 0},
-      {epilogue.residual, residual ? M * N * 2 : 0}};
-  for (const auto& [p, bytes] : read) {
-    QG_CHECK(!overlaps(normed, normed_bytes, p, bytes),
-             "gemm_f16_layer_norm: normed must not overlap x, w, gamma, beta or the epilogue's "
-             "operands");
-    QG_CHECK(p == epilogue.residual || !overlaps(y, y_bytes, p, bytes),
+      {epilogue.bias, epilogue.bias ? N * 2 : 0}};
+  for (const auto& [p, bytes] : shared_inputs) {
+    QG_CHECK(!overlaps(normed, normed_bytes, p, bytes), kNormedApart);
+    QG_CHECK(!overlaps(y, y_bytes, p, bytes),
              "gemm_f16_layer_norm: y must not overlap x, w, gamma, beta or the bias");
   }
+  QG_CHECK(!overlaps(normed, normed_bytes, epilogue.residual, residual ? M * N * 2 : 0),
+           kNormedApart);
   QG_CHECK(!overlaps(normed, normed_bytes, y, y_bytes),
            "gemm_f16_layer_norm: y must not overlap normed");
   const tiles::Epilogue e = device_epilogue(epilogue, y, y_fp32, M, N, "gemm_f16_layer_norm");
